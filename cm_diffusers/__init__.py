@@ -1,0 +1,33 @@
+"""cm_diffusers: consistency models as first-class diffusers citizens.
+
+Public names are imported lazily so that `import cm_diffusers` stays fast and light.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "ConsistencyScheduler": "scheduling_consistency",
+    "ConsistencySchedulerOutput": "scheduling_consistency",
+    "ConsistencyPipeline": "pipeline_consistency",
+    "IdentityTransform": "editing",
+    "ColorizationTransform": "editing",
+    "SuperResolutionTransform": "editing",
+    "LinearTransform": "editing",
+    "consistency_edit": "editing",
+    "slerp": "editing",
+    "load_teacher": "teachers",
+    "DDPMDenoiser": "teachers",
+    "EDMDenoiser": "teachers",
+    "ConsistencyLoss": "losses",
+    "resolve_pretrained": "pretrained",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'cm_diffusers' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Sub-commands of `cm-diffusers`; one module each, discovered by `cm_diffusers.cli`."""

@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="cm_diffusers",
+    version="0.1.0",
+    description="Consistency models (Song et al. 2023) as first-class diffusers citizens: one-step sampling, "
+    "zero-shot editing, consistency distillation and training with Accelerate.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["cm_diffusers", "cm_diffusers.*"]),
+    package_data={"cm_diffusers": ["pretrained/**/*", "templates/*"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.1,<3",
+        "diffusers>=0.40",
+        "accelerate>=1.0",
+        "huggingface-hub>=0.34",
+        "datasets>=3.0",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "pillow>=10",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "eval": ["scipy>=1.10", "matplotlib>=3.7"],
+        "train": ["tensorboard>=2.14"],
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "scipy>=1.10", "matplotlib>=3.7", "tensorboard>=2.14", "ruff"],
+    },
+    entry_points={"console_scripts": ["cm-diffusers=cm_diffusers.cli:main"]},
+)
