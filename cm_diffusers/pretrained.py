@@ -1,0 +1,29 @@
+"""Small models shipped inside the package, addressed by short names (`fashion-mnist-cd`, ...)."""
+
+import os
+
+PRETRAINED_DIR = os.path.join(os.path.dirname(__file__), "pretrained")
+DEFAULT_MODEL = "fashion-mnist-cd"
+SHIPPED_MODELS = {
+    "fashion-mnist-cd": "Consistency-distilled from the Fashion-MNIST DDPM teacher (default, 1-3 steps).",
+    "fashion-mnist-ct": "Consistency model trained without distillation on Fashion-MNIST.",
+    "fashion-mnist-ddpm": "The DDPM (epsilon) teacher of the two students, in diffusers DDPMPipeline format.",
+}
+
+
+def available_models() -> list:
+    """Short names of the shipped models present in this installation."""
+    return [name for name in SHIPPED_MODELS if os.path.isfile(os.path.join(PRETRAINED_DIR, name, "model_index.json"))]
+
+
+def resolve_pretrained(name_or_path):
+    """A shipped model's short name -> its folder; anything else (a path, a Hub repo id) is returned unchanged."""
+    if isinstance(name_or_path, (str, os.PathLike)) and str(name_or_path) in SHIPPED_MODELS:
+        folder = os.path.join(PRETRAINED_DIR, str(name_or_path))
+        if not os.path.isfile(os.path.join(folder, "model_index.json")):
+            raise FileNotFoundError(
+                f"The shipped model {name_or_path!r} is not in this installation ({folder}); available: "
+                f"{available_models() or 'none'}. Pass a pipeline folder or a Hub repo id instead."
+            )
+        return folder
+    return name_or_path

@@ -1,0 +1,339 @@
+"""ConsistencyScheduler: one-step and multistep consistency sampling (Song et al. 2023, Algorithm 1).
+
+A drop-in for diffusers' `CMStochasticIterativeScheduler`: the config keys and defaults are identical, so
+`from_config` swaps work both ways and OpenAI's converted Hub repos load unchanged. On top of it this scheduler
+takes explicit `sigmas` (iCT/ECT schedules), returns the `denoised` sample from `step`, accepts any noise level in
+`add_noise`, hands the model float32 timesteps, never syncs host and device in `step`, and draws no noise after the
+final step.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .parameterization import (
+    boundary_scalings,
+    consistency_output,
+    karras_sigmas,
+    sigma_to_t,
+    t_to_sigma,
+    timesteps_to_sigmas,
+)
+
+
+@dataclass
+class ConsistencySchedulerOutput(BaseOutput):
+    """
+    Output of [`ConsistencyScheduler.step`].
+
+    Args:
+        prev_sample (`torch.Tensor` of shape `(batch_size, num_channels, height, width)`):
+            The sample at the next noise level of the schedule (the model input of the next step). After the final
+            step it equals `denoised`.
+        denoised (`torch.Tensor` of shape `(batch_size, num_channels, height, width)`):
+            The consistency model's estimate f(x, sigma) of the clean sample at this step.
+    """
+
+    prev_sample: torch.Tensor
+    denoised: torch.Tensor
+
+
+class ConsistencyScheduler(SchedulerMixin, ConfigMixin):
+    """
+    Multistep and one-step sampling for consistency models, in EDM sigma space.
+
+    The sampled noise levels come from an N-point Karras grid (`num_train_timesteps` points, index 0 = `sigma_max`),
+    as in diffusers' [`CMStochasticIterativeScheduler`], or from explicit `sigmas`.
+
+    Args:
+        num_train_timesteps (`int`, defaults to 40):
+            Number of points N of the Karras grid the model was trained on.
+        sigma_min (`float`, defaults to 0.002):
+            Smallest noise level (the paper's epsilon, where f(x, epsilon) = x).
+        sigma_max (`float`, defaults to 80.0):
+            Largest noise level.
+        sigma_data (`float`, defaults to 0.5):
+            Standard deviation of the data distribution used by the boundary scalings.
+        s_noise (`float`, defaults to 1.0):
+            Scale of the noise added between steps.
+        rho (`float`, defaults to 7.0):
+            Exponent of the Karras grid.
+        clip_denoised (`bool`, defaults to `True`):
+            Whether to clamp the denoised sample to [-1, 1].
+    """
+
+    _compatibles = ["CMStochasticIterativeScheduler"]
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 40,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        sigma_data: float = 0.5,
+        s_noise: float = 1.0,
+        rho: float = 7.0,
+        clip_denoised: bool = True,
+    ):
+        if num_train_timesteps < 2:
+            raise ValueError(f"`num_train_timesteps` must be at least 2, got {num_train_timesteps}.")
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"Need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}.")
+        self.init_noise_sigma = sigma_max
+        self.num_inference_steps = None
+        self.custom_timesteps = False
+        self._set_sigmas(karras_sigmas(num_train_timesteps, sigma_min, sigma_max, rho), device=None, final=False)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Step bookkeeping, as in diffusers
+
+    @property
+    def step_index(self):
+        """The index of the current noise level; advances by one after each `step`."""
+        return self._step_index
+
+    @property
+    def begin_index(self):
+        """The index of the first step, set by the pipeline with `set_begin_index` (avoids a timestep lookup)."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0):
+        self._begin_index = begin_index
+
+    def __len__(self):
+        return self.config.num_train_timesteps
+
+    def sigma_to_t(self, sigmas):
+        """The network time input t(sigma) = 250 ln(sigma) (numpy in, numpy out; tensor in, tensor out)."""
+        return sigma_to_t(sigmas)
+
+    def get_scalings_for_boundary_condition(self, sigma):
+        """(c_skip, c_out) of the consistency parameterization, as diffusers names them."""
+        c_skip, c_out, _ = boundary_scalings(sigma, self.config.sigma_min, self.config.sigma_data)
+        return c_skip, c_out
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Schedules
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+    ):
+        """
+        Sets the noise levels to sample at. Pass exactly one of the three schedule arguments.
+
+        Args:
+            num_inference_steps (`int`, *optional*):
+                Number of network evaluations; the levels are evenly spaced indices of the training grid, as in
+                diffusers (1 step samples at `sigma_max`).
+            device (`str` or `torch.device`, *optional*):
+                Device for `timesteps` (the sigmas stay on the CPU, so `step` never syncs).
+            timesteps (`list[int]`, *optional*):
+                Strictly descending indices into the `num_train_timesteps`-point grid (index 0 = `sigma_max`), as
+                diffusers takes them: `[22, 0]` is OpenAI's 2-step ImageNet-64 schedule `ts=0,22,39`.
+            sigmas (`list[float]`, *optional*):
+                Strictly descending noise levels within [`sigma_min`, `sigma_max`] (e.g. for iCT/ECT models).
+        """
+        given = [name for name, value in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
+                                          ("sigmas", sigmas)) if value is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "Pass exactly one of `num_inference_steps`, `timesteps` or `sigmas` to `set_timesteps`, got "
+                f"{given or 'none'}."
+            )
+        n_train = self.config.num_train_timesteps
+        if num_inference_steps is not None:
+            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+                raise ValueError(f"`num_inference_steps` must be an integer, got {num_inference_steps!r}.")
+            if not 1 <= num_inference_steps <= n_train:
+                raise ValueError(
+                    f"`num_inference_steps` must be between 1 and num_train_timesteps={n_train}, got "
+                    f"{num_inference_steps}; pass explicit `sigmas` for a finer schedule."
+                )
+            step_ratio = n_train // num_inference_steps
+            indices = (np.arange(0, num_inference_steps) * step_ratio).round()[::-1].astype(np.int64)
+            new_sigmas = timesteps_to_sigmas(indices, n_train, self.config.sigma_min, self.config.sigma_max,
+                                             self.config.rho)
+            self.custom_timesteps = False
+        elif timesteps is not None:
+            indices = self._validate_timesteps(timesteps)
+            new_sigmas = timesteps_to_sigmas(indices, n_train, self.config.sigma_min, self.config.sigma_max,
+                                             self.config.rho)
+            self.custom_timesteps = True
+        else:
+            new_sigmas = self._validate_sigmas(sigmas)
+            self.custom_timesteps = True
+        self.num_inference_steps = len(new_sigmas)
+        self._set_sigmas(new_sigmas, device=device, final=True)
+
+    def _validate_timesteps(self, timesteps) -> np.ndarray:
+        values = timesteps.tolist() if isinstance(timesteps, (torch.Tensor, np.ndarray)) else list(timesteps)
+        if len(values) == 0:
+            raise ValueError("`timesteps` is empty; pass at least one grid index, e.g. [0] for one step.")
+        if any(isinstance(v, bool) or float(v) != int(v) for v in values):
+            raise ValueError(
+                f"`timesteps` must be integer indices into the {self.config.num_train_timesteps}-point training "
+                f"grid (e.g. [22, 0]), got {values}; pass `sigmas` for arbitrary noise levels."
+            )
+        indices = np.asarray([int(v) for v in values], dtype=np.int64)
+        if np.any(indices[1:] >= indices[:-1]):
+            raise ValueError(f"`timesteps` must be strictly descending (e.g. [22, 0]), got {indices.tolist()}.")
+        if indices[0] >= self.config.num_train_timesteps or indices[-1] < 0:
+            raise ValueError(
+                f"`timesteps` must lie in [0, {self.config.num_train_timesteps - 1}] "
+                f"(num_train_timesteps={self.config.num_train_timesteps}), got {indices.tolist()}."
+            )
+        return indices
+
+    def _validate_sigmas(self, sigmas) -> np.ndarray:
+        values = np.asarray(sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas, dtype=np.float64)
+        if values.ndim != 1 or values.size == 0 or not np.all(np.isfinite(values)):
+            raise ValueError(f"`sigmas` must be a non-empty 1-D list of finite noise levels, got {sigmas!r}.")
+        if np.any(values[1:] >= values[:-1]):
+            raise ValueError(f"`sigmas` must be strictly descending, got {values.tolist()}.")
+        lo, hi = self.config.sigma_min, self.config.sigma_max
+        tol = 1e-6 * hi  # float32 round trips of the end points must not be rejected
+        if values[-1] < lo - 1e-9 or values[0] > hi + tol:
+            raise ValueError(
+                f"`sigmas` must lie within [sigma_min={lo}, sigma_max={hi}] of this scheduler, got "
+                f"[{values[-1]}, {values[0]}]."
+            )
+        return np.clip(values, lo, hi)
+
+    def _set_sigmas(self, sigmas: np.ndarray, device, final: bool):
+        # Timesteps are computed in float64 and handed to the model as float32: a UNet never sees float64, and
+        # the values equal what diffusers' UNet computes after its own float64 -> float32 cast.
+        self.timesteps = torch.from_numpy(sigma_to_t(sigmas)).to(device=device, dtype=torch.float32)
+        if final:
+            sigmas = np.concatenate([sigmas, [self.config.sigma_min]])
+        # Sigmas stay on the CPU: `step` reads them as host scalars and never waits for the device.
+        self.sigmas = torch.from_numpy(sigmas.astype(np.float32))
+        self._step_index = None
+        self._begin_index = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Sampling
+
+    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
+        """Position of `timestep` in the schedule (a host sync if it is a device tensor; pipelines avoid it by
+        calling `set_begin_index(0)`)."""
+        schedule_timesteps = self.timesteps if schedule_timesteps is None else schedule_timesteps
+        if isinstance(timestep, torch.Tensor):
+            timestep = timestep.to(schedule_timesteps.device, schedule_timesteps.dtype)
+        matches = (schedule_timesteps == timestep).nonzero()
+        if len(matches) == 0:
+            raise ValueError(
+                f"timestep {float(timestep)} is not in the current schedule {self.timesteps.tolist()}; pass one of "
+                "`scheduler.timesteps`, or call `set_begin_index`."
+            )
+        return int(matches[1 if len(matches) > 1 else 0])
+
+    def _init_step_index(self, timestep):
+        self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
+
+    def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
+        """Scales the model input by c_in = 1 / sqrt(sigma^2 + sigma_data^2)."""
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        sigma = self.sigmas[self._step_index]
+        return sample / (sigma**2 + self.config.sigma_data**2) ** 0.5
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        return_dict: bool = True,
+    ) -> ConsistencySchedulerOutput | tuple:
+        """
+        One step of Algorithm 1: denoised = f(x, sigma); then, unless this is the last step,
+        prev_sample = denoised + sqrt(sigma_next^2 - sigma_min^2) * s_noise * z.
+
+        Args:
+            model_output (`torch.Tensor`): The network output F(c_in * x, t(sigma)).
+            timestep (`float` or `torch.Tensor`): The current entry of `scheduler.timesteps`.
+            sample (`torch.Tensor`): The current noisy sample x.
+            generator (`torch.Generator`, *optional*): Generator for the noise added between steps.
+            return_dict (`bool`, defaults to `True`): Return a [`ConsistencySchedulerOutput`] instead of a tuple.
+
+        Returns:
+            [`ConsistencySchedulerOutput`] or `tuple` `(prev_sample, denoised)`.
+        """
+        if isinstance(timestep, (int, np.integer)) or (
+            isinstance(timestep, torch.Tensor) and not torch.is_floating_point(timestep)
+        ):
+            raise ValueError(
+                "`step` takes an entry of `scheduler.timesteps` (a float noise-level time), not an integer index "
+                "such as the counter of `enumerate(timesteps)`."
+            )
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        if self._step_index >= len(self.sigmas) - 1:
+            raise ValueError("`step` was called after the final step of the schedule; call `set_timesteps` again.")
+
+        sigma, sigma_next = self.sigmas[self._step_index], self.sigmas[self._step_index + 1]
+        denoised = consistency_output(model_output, sample, sigma, self.config.sigma_min, self.config.sigma_data)
+        if self.config.clip_denoised:
+            denoised = denoised.clamp(-1, 1)
+
+        if self._step_index + 1 < len(self.timesteps):
+            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                 dtype=model_output.dtype)
+            sigma_next = sigma_next.clamp(self.config.sigma_min, self.config.sigma_max)
+            prev_sample = denoised + noise * self.config.s_noise * (sigma_next**2 - self.config.sigma_min**2) ** 0.5
+        else:
+            prev_sample = denoised  # the final step: no noise is drawn
+
+        self._step_index += 1
+        if not return_dict:
+            return prev_sample, denoised
+        return ConsistencySchedulerOutput(prev_sample=prev_sample, denoised=denoised)
+
+    def add_noise(
+        self,
+        original_samples: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor | None = None,
+        sigmas: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        x_sigma = x + sigma * noise at any noise levels, not only those of the current schedule.
+
+        Args:
+            original_samples (`torch.Tensor`): Clean samples x, shape (B, ...).
+            noise (`torch.Tensor`): Standard normal noise of the same shape.
+            timesteps (`torch.Tensor`, *optional*): Per-sample (or one shared) network times t = 250 ln(sigma),
+                as in `scheduler.timesteps` (floats), or integer indices into the training grid (0 = sigma_max).
+            sigmas (`torch.Tensor`, *optional*): Per-sample (or one shared) noise levels; instead of `timesteps`.
+        """
+        if (timesteps is None) == (sigmas is None):
+            raise ValueError("Pass exactly one of `timesteps` or `sigmas` to `add_noise`.")
+        if sigmas is None:
+            timesteps = torch.as_tensor(timesteps, device=original_samples.device)
+            if torch.is_floating_point(timesteps):
+                sigmas = t_to_sigma(timesteps.double())
+            else:
+                n_train = self.config.num_train_timesteps
+                if (timesteps < 0).any() or (timesteps >= n_train).any():
+                    raise ValueError(f"Integer `timesteps` are grid indices and must lie in [0, {n_train - 1}].")
+                grid = torch.from_numpy(karras_sigmas(n_train, self.config.sigma_min, self.config.sigma_max,
+                                                      self.config.rho)).to(original_samples.device)
+                sigmas = grid[timesteps]
+        sigmas = torch.as_tensor(sigmas, device=original_samples.device).to(original_samples.dtype).flatten()
+        if sigmas.numel() not in (1, original_samples.shape[0]):
+            raise ValueError(
+                f"Got {sigmas.numel()} noise levels for a batch of {original_samples.shape[0]}; pass one per sample "
+                "or a single one."
+            )
+        sigmas = sigmas.reshape(-1, *([1] * (original_samples.ndim - 1)))
+        return original_samples + noise * sigmas
