@@ -20,3 +20,17 @@ def make_tiny_unet(sample_size=16, in_channels=1, num_class_embeds=None, seed=0,
         num_class_embeds=num_class_embeds,
         dropout=dropout,
     ).eval()
+
+
+def layout_hub_cache(folder, repo_id: str, cache_dir, revision: str = "0123456789abcdef0123456789abcdef01234567"):
+    """Copy a saved pipeline folder into the Hugging Face cache layout (`models--org--name/snapshots/<rev>/` with
+    `refs/main`), so `from_pretrained(repo_id, cache_dir=...)` resolves it offline exactly as after a download."""
+    import os
+    import shutil
+
+    repo_dir = os.path.join(cache_dir, "models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder, os.path.join(repo_dir, "snapshots", revision))
+    os.makedirs(os.path.join(repo_dir, "refs"), exist_ok=True)
+    with open(os.path.join(repo_dir, "refs", "main"), "w") as f:
+        f.write(revision)
+    return repo_dir
