@@ -1,0 +1,479 @@
+"""Model cards and pushing consistency-model pipeline folders to the Hugging Face Hub.
+
+`save_model_card` renders `templates/model_card.md` with huggingface_hub's `ModelCard`/`ModelCardData`, so the YAML
+metadata (license, library, tags, datasets, base model, model-index) is exactly what the Hub parses. `push_to_hub`
+uploads only what a user needs to load the pipeline (configs, safetensors weights, the card, sample PNGs), never
+training checkpoints, optimizer states, pickles or logs, in one commit whose unchanged files are skipped, so pushing
+the same folder twice makes no second commit.
+"""
+
+import fnmatch
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
+
+CARD_INFO_KEYS = (
+    "mode", "base_model", "dataset", "training_command", "hardware", "train_steps", "loss", "sampling",
+    "sample_grid", "eval_results", "extra", "license", "model_name", "repo_id", "limitations",
+)  # fmt: skip
+
+MODES = {
+    "cd": ("consistency-distillation", "consistency distillation (CD) from a pretrained diffusion model"),
+    "ct": ("consistency-training", "consistency training (CT) from data alone, without a teacher"),
+    "ict": ("improved-consistency-training", "improved consistency training (iCT, Song & Dhariwal 2023)"),
+    "ect": ("easy-consistency-tuning", "easy consistency tuning (ECT, Geng et al. 2024) of a diffusion model"),
+}
+
+_INFO_COMMENT = re.compile(r"<!-- cm_diffusers card info[^:]*: (\{.*\}) -->")
+_METRIC_NAMES = {"fid": "FID", "kid": "KID", "is": "Inception score", "precision": "precision", "recall": "recall"}
+_METRIC_KEY = re.compile(r"^(fid|kid|is|precision|recall)(?:_(.+))?$", re.IGNORECASE)
+
+# What a pushed pipeline folder may contain, relative to the folder. Everything else stays local.
+_PUSH_TOP_LEVEL = ("model_index.json", "README.md", "*.png")
+_PUSH_COMPONENT_FILES = ("*.json", "*.safetensors")
+_PIPELINE_CLASSES = ("ConsistencyModelPipeline", "ConsistencyPipeline")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model cards
+
+
+def save_model_card(output_dir, **info) -> ModelCard:
+    """
+    Writes `output_dir/README.md`, a model card for the consistency-model pipeline saved in `output_dir`.
+
+    Reads the architecture and noise levels from the folder's `unet/` and `scheduler/` configs when present; every
+    `info` key is optional and a missing one is left out of the card.
+
+    Args:
+        output_dir (`str` or `os.PathLike`): The pipeline folder.
+        mode (`str`): `"cd"`, `"ct"`, `"ict"` or `"ect"`.
+        base_model (`str`): The teacher; recorded as the Hub `base_model` when it is a Hub repo id.
+        dataset (`str`): The training data set (a Hub dataset id, or a description).
+        training_command (`str`), hardware (`str`), train_steps (`int`), loss (`str`): How the model was trained.
+        sampling (`dict`): Recommended `num_inference_steps`, `timesteps` or `sigmas`.
+        sample_grid (`str`): File name of a sample image inside `output_dir`.
+        eval_results (`dict`): Metrics such as `{"fid_1step": 12.3, "fid_2step": 9.8}`; non-metric keys (e.g.
+            `"num_samples"`, `"reference"`) describe how they were measured.
+        extra (`dict`): More settings, shown as a table.
+        license (`str`, defaults to `"apache-2.0"`), model_name (`str`), repo_id (`str`, used in the usage snippet),
+        limitations (`list[str]`, added to the standard ones).
+
+    Returns:
+        [`huggingface_hub.ModelCard`]: The card, already validated with `validate_model_card`.
+    """
+    unknown = sorted(set(info) - set(CARD_INFO_KEYS))
+    if unknown:
+        logger.warning(f"save_model_card ignores unknown keys {unknown}; known keys: {list(CARD_INFO_KEYS)}.")
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        raise FileNotFoundError(f"{output_dir} is not a folder; save the pipeline there first.")
+    mode = info.get("mode")
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"Unknown mode {mode!r}; choose one of {sorted(MODES)}.")
+
+    model = _describe_model(output_dir)
+    sample_grid = info.get("sample_grid")
+    if sample_grid is not None and not (output_dir / sample_grid).is_file():
+        raise FileNotFoundError(f"sample_grid {sample_grid!r} is not a file inside {output_dir}.")
+    model_name = info.get("model_name") or info.get("repo_id", "").split("/")[-1] or output_dir.resolve().name
+    card_data = _card_data(info, model, model_name)
+
+    sampling = info.get("sampling") or {}
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE_PATH),
+        title=model_name,
+        summary=_summary(info, model),
+        repo_or_path=info.get("repo_id") or "path/to/this/folder",
+        sample_grid=sample_grid,
+        sample_grid_caption=_grid_caption(sampling),
+        class_labels_arg=", class_labels=[0, 1, 2, 3]" if model["num_classes"] else "",
+        diffusers_class_arg=", class_labels=0" if model["num_classes"] else "",
+        diffusers_runs=model["channels"] == 3 and model["square"],
+        multistep_call=_multistep_call(sampling),
+        model=model,
+        model_rows=_model_rows(model),
+        num_train_timesteps=model["num_train_timesteps"],
+        sampling_rows=[(f"`{key}`", _fmt(value)) for key, value in sampling.items() if value is not None],
+        training_rows=_training_rows(info),
+        training_command=info.get("training_command"),
+        extra_rows=[(str(key), _fmt(value)) for key, value in (info.get("extra") or {}).items()],
+        result_rows=[(label, _fmt(value)) for _, label, value, _ in _metrics(info.get("eval_results"))],
+        result_notes=_result_notes(info.get("eval_results")),
+        limitations=_limitations(info, model),
+        info_json=_info_json(info),
+    )
+    card = validate_model_card(re.sub(r"\n{3,}", "\n\n", str(card)))  # template blocks leave blank lines behind
+    card.save(output_dir / "README.md")
+    return card
+
+
+def load_card_info(folder) -> dict:
+    """The `info` a card in `folder/README.md` was written with by `save_model_card` ({} when there is none)."""
+    readme = Path(folder) / "README.md"
+    if not readme.is_file():
+        return {}
+    match = _INFO_COMMENT.search(readme.read_text(encoding="utf-8"))
+    return json.loads(match.group(1)) if match else {}
+
+
+def validate_model_card(card) -> ModelCard:
+    """
+    Offline version of the Hub's card checks: the metadata parses strictly with `ModelCardData` (model-index
+    included), survives a save/load round trip unchanged, and names the fields the Hub uses for this library.
+    (`ModelCard.validate` asks the Hub itself; `push_to_hub` gets that check from the Hub when it commits.)
+
+    Args:
+        card (`ModelCard`, `str` or `os.PathLike`): A card, its text, or the path of a README.md.
+    """
+    if isinstance(card, (str, os.PathLike)) and not str(card).startswith("---"):
+        card = Path(card).read_text(encoding="utf-8")
+    if not isinstance(card, ModelCard):
+        card = ModelCard(card, ignore_metadata_errors=False)
+    reloaded = ModelCard(str(card), ignore_metadata_errors=False)
+    if reloaded.data.to_dict() != card.data.to_dict():
+        raise ValueError("The model card metadata does not survive a save/load round trip.")
+    data = reloaded.data
+    problems = []
+    if data.library_name != "diffusers":
+        problems.append(f"library_name must be 'diffusers', got {data.library_name!r}")
+    if not data.license:
+        problems.append("license is missing")
+    if not data.tags or not all(isinstance(tag, str) for tag in data.tags):
+        problems.append(f"tags must be a non-empty list of strings, got {data.tags!r}")
+    for base in [data.base_model] if isinstance(data.base_model, str) else (data.base_model or []):
+        if not _is_repo_id(base):
+            problems.append(f"base_model {base!r} is not a Hub repo id")
+    if problems:
+        raise ValueError("Invalid model card metadata: " + "; ".join(problems) + ".")
+    return reloaded
+
+
+def _card_data(info: dict, model: dict, model_name: str) -> ModelCardData:
+    mode = info.get("mode")
+    tags = ["consistency-models", "cm-diffusers"]
+    tags.append("class-conditional-image-generation" if model["num_classes"] else "unconditional-image-generation")
+    if mode:
+        tags.append(MODES[mode][0])
+    base_model = info.get("base_model")
+    dataset = info.get("dataset")
+    eval_results = None
+    metrics = _metrics(info.get("eval_results"))
+    if metrics and dataset:
+        eval_results = [
+            EvalResult(
+                task_type="unconditional-image-generation",
+                dataset_type=dataset,
+                dataset_name=dataset,
+                metric_type=metric,
+                metric_name=label,
+                metric_value=value,
+                metric_config=config,
+            )
+            for metric, label, value, config in metrics
+        ]
+    return ModelCardData(
+        license=info.get("license") or "apache-2.0",
+        library_name="diffusers",
+        pipeline_tag="unconditional-image-generation",
+        tags=tags,
+        datasets=[dataset] if dataset else None,
+        base_model=base_model if base_model and _is_repo_id(base_model) else None,
+        eval_results=eval_results,
+        model_name=model_name if eval_results else None,
+    )
+
+
+def _describe_model(folder: Path) -> dict:
+    """Architecture facts for the card, from the folder's configs (empty when they are missing)."""
+    unet = _read_json(folder / "unet" / "config.json") or {}
+    scheduler = _read_json(folder / "scheduler" / "scheduler_config.json") or {}
+    size = unet.get("sample_size")
+    height, width = (size, size) if isinstance(size, int) or size is None else tuple(size)
+    return {
+        "architecture": unet.get("_class_name"),
+        "parameters": _count_parameters(folder / "unet"),
+        "channels": unet.get("in_channels"),
+        "resolution": f"{height}x{width}" if height else None,
+        "square": height == width,
+        "num_classes": unet.get("num_class_embeds"),
+        "block_out_channels": unet.get("block_out_channels"),
+        "num_train_timesteps": scheduler.get("num_train_timesteps", 40),
+        "sigma_min": scheduler.get("sigma_min"),
+        "sigma_max": scheduler.get("sigma_max"),
+        "sigma_data": scheduler.get("sigma_data"),
+    }
+
+
+def _count_parameters(unet_dir: Path):
+    from safetensors import safe_open
+
+    files = sorted(unet_dir.glob("*.safetensors")) if unet_dir.is_dir() else []
+    files = [f for f in files if f.name.count(".") == 1] or files[:1]  # skip variants such as .fp16.safetensors
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as weights:
+            for key in weights.keys():
+                shape = weights.get_slice(key).get_shape()
+                count = 1
+                for dim in shape:
+                    count *= dim
+                total += count
+    return total
+
+
+def _model_rows(model: dict) -> list:
+    rows = []
+    if model["architecture"]:
+        params = f", {model['parameters'] / 1e6:.2f}M parameters" if model["parameters"] else ""
+        rows.append(("network", f"{model['architecture']}{params}"))
+    if model["resolution"]:
+        rows.append(("images", f"{model['resolution']}, {model['channels']} channel(s)"))
+    rows.append(("conditioning", f"{model['num_classes']} classes" if model["num_classes"] else "unconditional"))
+    if model["sigma_min"] is not None:
+        rows.append((
+            "noise levels",
+            f"sigma in [{model['sigma_min']}, {model['sigma_max']}], sigma_data {model['sigma_data']}, "
+            f"{model['num_train_timesteps']}-point Karras grid",
+        ))
+    return rows
+
+
+def _summary(info: dict, model: dict) -> str:
+    mode = info.get("mode")
+    how = f", trained with {MODES[mode][1]}" if mode else ""
+    size = f"{model['resolution']} " if model["resolution"] else ""
+    what = f"{size}images like those of {info['dataset']}" if info.get("dataset") else f"{size}images"
+    teacher = f" The teacher was `{info['base_model']}`." if info.get("base_model") else ""
+    return (
+        f"A consistency model (Song et al., 2023){how}. It generates {what} in a single network evaluation, or in "
+        f"a few for higher quality.{teacher}"
+    )
+
+
+def _grid_caption(sampling: dict) -> str:
+    call = _multistep_call(sampling)
+    return f"Samples with {call}." if call else "Samples in one step (one network evaluation each)."
+
+
+def _multistep_call(sampling: dict):
+    if sampling.get("timesteps") is not None:
+        return f"timesteps={list(sampling['timesteps'])}"
+    if sampling.get("sigmas") is not None:
+        return f"sigmas={list(sampling['sigmas'])}"
+    steps = sampling.get("num_inference_steps")
+    return f"num_inference_steps={steps}" if steps and steps > 1 else None
+
+
+def _training_rows(info: dict) -> list:
+    rows = []
+    if info.get("mode"):
+        rows.append(("method", MODES[info["mode"]][1]))
+    for key, label in (("base_model", "teacher"), ("dataset", "data"), ("train_steps", "training steps"),
+                       ("loss", "loss"), ("hardware", "hardware")):  # fmt: skip
+        if info.get(key) is not None:
+            rows.append((label, _fmt(info[key])))
+    return rows
+
+
+def _metrics(eval_results) -> list:
+    """(metric_type, label, value, config) for the numeric metric entries of `eval_results`."""
+    rows = []
+    for key, value in (eval_results or {}).items():
+        match = _METRIC_KEY.match(str(key))
+        if not match or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        metric, detail = match.group(1).lower(), match.group(2)
+        steps = re.fullmatch(r"(\d+)_?steps?|nfe_?(\d+)", detail or "")
+        if steps:
+            count = int(steps.group(1) or steps.group(2))
+            detail = f"{count} step{'s' if count > 1 else ''}"
+        label = _METRIC_NAMES[metric] + (f", {detail.replace('_', ' ')}" if detail else "")
+        rows.append((metric, label, float(value), detail.replace(" ", "-") if detail else None))
+    return rows
+
+
+def _result_notes(eval_results) -> str:
+    metric_keys = {key for key in (eval_results or {}) if _METRIC_KEY.match(str(key))}
+    notes = [f"{key}: {_fmt(value)}" for key, value in (eval_results or {}).items() if key not in metric_keys]
+    return "; ".join(notes)
+
+
+def _limitations(info: dict, model: dict) -> list:
+    items = []
+    data = info.get("dataset") or "its training data"
+    size = f" at {model['resolution']}" if model["resolution"] else ""
+    items.append(f"It generates images like those of {data}{size} only, and reflects that data's biases.")
+    if info.get("mode") in ("cd", "ect"):
+        items.append("Its samples cannot be better than its teacher's; one-step samples are usually somewhat worse.")
+    items.append("One-step samples are less detailed than multistep ones; a few steps trade speed for quality.")
+    if model["channels"] is not None and not (model["channels"] == 3 and model["square"]):
+        items.append(
+            "diffusers' own ConsistencyModelPipeline hard-codes 3-channel square images, so it loads but cannot "
+            "sample this model; use cm_diffusers."
+        )
+    if _metrics(info.get("eval_results")):
+        items.append("FID depends on the sample count and reference set; compare only numbers measured alike.")
+    items.extend(info.get("limitations") or [])
+    return items
+
+
+def _info_json(info: dict) -> str:
+    kept = {key: info[key] for key in CARD_INFO_KEYS if info.get(key) is not None}
+    return json.dumps(kept).replace(">", "\\u003e")  # valid JSON that cannot close the HTML comment
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _is_repo_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if os.path.exists(name) or name.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _read_json(path: Path):
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pushing
+
+
+def check_pipeline_folder(folder) -> dict:
+    """
+    Checks that `folder` holds a saved consistency-model pipeline with safetensors weights, and returns its
+    model_index.json; the ValueError says what the folder is instead and what to do.
+    """
+    from .pipeline_consistency import _check_is_consistency_model
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder.")
+    index = _read_json(folder / "model_index.json")
+    if index is None:
+        inside = sorted(p.parent.name for p in folder.glob("*/model_index.json"))
+        hint = f" It contains pipeline folder(s) {inside}: push one of those." if inside else ""
+        raise ValueError(
+            f"{folder} is not a diffusers pipeline folder (no model_index.json); save one with "
+            f"ConsistencyPipeline.save_pretrained(folder).{hint}"
+        )
+    _check_is_consistency_model(index, str(folder))
+    if index.get("_class_name") not in _PIPELINE_CLASSES:
+        raise ValueError(f"{folder}/model_index.json names {index.get('_class_name')!r}, not {_PIPELINE_CLASSES}.")
+    for component in ("unet", "scheduler"):
+        config = "config.json" if component == "unet" else "scheduler_config.json"
+        if not (folder / component / config).is_file():
+            raise ValueError(f"{folder}/{component}/{config} is missing; re-save the pipeline with save_pretrained.")
+    if not list((folder / "unet").glob("*.safetensors")):
+        raise ValueError(
+            f"{folder}/unet has no safetensors weights (pickled .bin files are never pushed); re-save the pipeline "
+            "with save_pretrained(folder, safe_serialization=True)."
+        )
+    return index
+
+
+def files_to_push(folder) -> tuple[list, list]:
+    """(uploaded, left out): the relative paths `push_to_hub` uploads and the ones it keeps local, both sorted."""
+    folder = Path(folder)
+    index = _read_json(folder / "model_index.json") or {}
+    components = {name for name, value in index.items() if not name.startswith("_") and isinstance(value, list)}
+    upload, skip = [], []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink()):
+        relative = path.relative_to(folder).as_posix()
+        parts = relative.split("/")
+        if len(parts) == 1:
+            keep = any(fnmatch.fnmatch(relative, pattern) for pattern in _PUSH_TOP_LEVEL)
+        elif len(parts) == 2 and parts[0] in components:
+            keep = any(fnmatch.fnmatch(parts[1], pattern) for pattern in _PUSH_COMPONENT_FILES)
+        else:
+            keep = False  # checkpoint-*/, logs/, runs/, samples/ and anything else nested
+        (upload if keep and path.is_file() else skip).append(relative)
+    return upload, skip
+
+
+def resolve_token(token=None) -> str:
+    """The token to push with: `token`, else HF_TOKEN, else the one stored by `hf auth login`."""
+    from huggingface_hub import get_token
+
+    token = token or get_token()
+    if not token:
+        raise ValueError(
+            "Pushing to the Hub needs a write token: pass --token, set the HF_TOKEN environment variable, or run "
+            "`hf auth login` once. Create a token at https://huggingface.co/settings/tokens."
+        )
+    return token
+
+
+def push_to_hub(folder, repo_id: str, token=None, private: bool = False, commit_message=None, revision=None) -> str:
+    """
+    Creates the Hub repo `repo_id` (if it does not exist) and uploads the pipeline saved in `folder`.
+
+    Only the files a user needs are uploaded (see `files_to_push`): model_index.json, the component configs and
+    safetensors weights, README.md and top-level PNG sample grids. Training checkpoints (`checkpoint-*/`), optimizer
+    and RNG states, pickles (`*.pt`, `*.bin`), logs and TensorBoard events stay local. Files whose content is already
+    on the Hub are skipped, so pushing an unchanged folder again creates no commit.
+
+    Args:
+        folder (`str` or `os.PathLike`): A folder written by `ConsistencyPipeline.save_pretrained`.
+        repo_id (`str`): `"user/name"`, `"org/name"`, or `"name"` for the token owner's namespace.
+        token (`str`, *optional*): A write token; defaults to HF_TOKEN or the stored login.
+        private (`bool`, defaults to `False`): Create the repo as private (ignored when it exists).
+        commit_message (`str`, *optional*): Defaults to "Upload consistency model with cm_diffusers".
+        revision (`str`, *optional*): Branch to commit to; defaults to `main`.
+
+    Returns:
+        `str`: The URL of the commit (of the latest one when nothing changed).
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi, constants
+
+    check_pipeline_folder(folder)
+    if constants.is_offline_mode():
+        raise ValueError("HF_HUB_OFFLINE is set, so nothing can be pushed; unset it (e.g. HF_HUB_OFFLINE=0).")
+    token = resolve_token(token)
+    readme = Path(folder) / "README.md"
+    if readme.is_file():
+        validate_model_card(readme)
+    else:
+        logger.warning(f"{folder} has no README.md; write a model card first with `cm-diffusers card {folder}`.")
+
+    upload, skipped = files_to_push(folder)
+    if skipped:
+        logger.info(f"Not pushing {len(skipped)} file(s) that are not part of the pipeline: {skipped[:10]}")
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id  # "name" -> "user/name"
+    if revision is not None and revision != constants.DEFAULT_REVISION:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(Path(folder) / path)) for path in upload]
+    commit = api.create_commit(
+        repo_id,
+        operations=operations,
+        commit_message=commit_message or "Upload consistency model with cm_diffusers",
+        revision=revision,
+    )
+    return commit.commit_url
