@@ -192,3 +192,16 @@ def ect_r(sigma, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0, sig
     adj = 1 + k * torch.sigmoid(-b * sigma)
     r = sigma * (1 - adj / q ** (stage + 1))
     return r.clamp(min=sigma_min)
+
+
+def inverse_gap_weight(sigma, sigma_next):
+    """iCT / ECT loss weighting lambda = 1 / (sigma_n - sigma_{n+1}) (Song & Dhariwal 2023, sec. 3.3)."""
+    return 1.0 / (sigma - sigma_next)
+
+
+def truncated_lognormal_sigmas(u, p_mean=-1.1, p_std=2.0, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX):
+    """ECT's ln sigma ~ N(P_mean, P_std^2) restricted to [sigma_min, sigma_max], by inverse CDF of u in [0, 1]."""
+    u = torch.as_tensor(u, dtype=torch.float64)
+    erf_lo, erf_hi = (math.erf((math.log(s) - p_mean) / (math.sqrt(2) * p_std)) for s in (sigma_min, sigma_max))
+    log_sigma = p_mean + p_std * math.sqrt(2) * torch.erfinv(erf_lo + u * (erf_hi - erf_lo))
+    return log_sigma.exp().clamp(sigma_min, sigma_max)

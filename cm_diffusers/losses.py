@@ -1,0 +1,369 @@
+"""The consistency loss: one path for distillation (CD) and training (CT, iCT, ECT).
+
+    loss = E[ lambda(sigma_n, sigma_{n+1}) d(f_theta(x_n, sigma_n), f_target(x_hat_{n+1}, sigma_{n+1})) ]
+
+with x_n = x + sigma_n z (Song et al. 2023, eq. 7 and 10). A mode is a choice of four small parts, never a new loop:
+
+- where x_hat_{n+1} comes from (`TeacherODEStep` for CD, `DataPointStep` for CT, iCT and ECT),
+- how the pair (sigma_n, sigma_{n+1}) is drawn (`KarrasGridPairs` uniform or lognormal, `ECTPairs`),
+- the weighting lambda (1, or `inverse_gap_weight` for iCT and ECT),
+- the distance d (`l2`, `l1`, `PseudoHuber`, `LPIPS`), computed per sample and in float32.
+
+`Curriculum` turns the global step into the schedule of the step (N(k), mu(k), the ECT stage), so every rank and
+every resumed run agrees.
+"""
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .parameterization import (
+    SIGMA_DATA,
+    SIGMA_MAX,
+    SIGMA_MIN,
+    append_dims,
+    consistency_function,
+    ct_num_scales,
+    ct_target_ema,
+    ect_r,
+    ect_stage,
+    euler_step,
+    heun_step,
+    ict_num_scales,
+    inverse_gap_weight,
+    karras_sigma_at,
+    lognormal_index_probs,
+    pseudo_huber_c,
+    truncated_lognormal_sigmas,
+)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distances: (B, ...) x (B, ...) -> (B,), one value per sample
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1)
+
+
+def l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference per sample (the paper's l2 metric)."""
+    return _flat(a - b).square().mean(dim=1)
+
+
+def l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference per sample."""
+    return _flat(a - b).abs().mean(dim=1)
+
+
+class PseudoHuber:
+    """iCT's pseudo-Huber distance sqrt(||a - b||_2^2 + c^2) - c on the per-sample L2 norm (not elementwise)."""
+
+    def __init__(self, c: Optional[float] = None):
+        self.c = c  # None: iCT's c = 0.00054 sqrt(d), d = values per sample
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        c = pseudo_huber_c(a[0].numel()) if self.c is None else self.c
+        return torch.sqrt(_flat(a - b).square().sum(dim=1) + c**2) - c
+
+
+# The torchvision ImageNet backbones that `lpips` loads; torchvision would download them, which cannot happen here.
+LPIPS_BACKBONE_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
+
+
+class LPIPS:
+    """LPIPS (Zhang et al. 2018) as the CD/CT paper used it: inputs upsampled to 224 px, gray repeated to RGB."""
+
+    def __init__(self, net: str = "vgg", device=None):
+        try:
+            import lpips
+        except ImportError as err:
+            raise ImportError(
+                "--loss_type lpips needs the `lpips` package (`pip install lpips`) and the torchvision backbone "
+                f"weights {LPIPS_BACKBONE_FILES[net]} in {self.checkpoint_dir()}. Without them use --loss_type "
+                "pseudo_huber (the default; iCT shows it matches LPIPS without its bias)."
+            ) from err
+        weights = os.path.join(self.checkpoint_dir(), LPIPS_BACKBONE_FILES[net])
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(
+                f"--loss_type lpips needs the torchvision {net} backbone weights at {weights}; they cannot be "
+                "downloaded on this machine. Copy the file there (set TORCH_HOME to use another folder) or use "
+                "--loss_type pseudo_huber."
+            )
+        self.model = lpips.LPIPS(net=net, verbose=False).eval().requires_grad_(False).to(device)
+
+    @staticmethod
+    def checkpoint_dir() -> str:
+        return os.path.join(torch.hub.get_dir(), "checkpoints")
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if a.shape[1] == 1:
+            a, b = a.repeat(1, 3, 1, 1), b.repeat(1, 3, 1, 1)
+        if a.shape[-1] < 224:
+            a = torch.nn.functional.interpolate(a, size=224, mode="bilinear", align_corners=False)
+            b = torch.nn.functional.interpolate(b, size=224, mode="bilinear", align_corners=False)
+        return self.model.to(a.device)(a, b).reshape(a.shape[0])
+
+
+def make_distance(loss_type: str, huber_c: Optional[float] = None, device=None) -> Callable:
+    """The distance named by `--loss_type`: l2, l1, pseudo_huber (c = 0.00054 sqrt(d) unless given) or lpips."""
+    if loss_type == "l2":
+        return l2
+    if loss_type == "l1":
+        return l1
+    if loss_type == "pseudo_huber":
+        return PseudoHuber(huber_c)
+    if loss_type == "lpips":
+        return LPIPS(device=device)
+    raise ValueError(f"Unknown loss_type {loss_type!r}; choose l2, l1, pseudo_huber or lpips.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The schedule of a step, from the global step
+
+
+@dataclass(frozen=True)
+class Levels:
+    """The training schedule at one global step: grid size N(k), target EMA rate mu(k) and ECT stage."""
+
+    num_scales: int
+    target_ema: float
+    stage: int = 0
+
+
+@dataclass(frozen=True)
+class Curriculum:
+    """Global step -> `Levels` for a mode: fixed N and mu (cd), CT's N(k)/mu(k), iCT's doubling N(k), ECT's stages."""
+
+    mode: str
+    total_steps: int
+    num_scales: int = 18  # cd: the fixed grid size N
+    target_ema: float = 0.0  # cd: the fixed target EMA rate mu
+    s0: int = 2
+    s1: int = 150
+    mu0: float = 0.9
+    num_stages: int = 8  # ect
+
+    def __call__(self, step: int) -> Levels:
+        if self.mode == "cd":
+            return Levels(self.num_scales, self.target_ema)
+        if self.mode == "ct":
+            num_scales = ct_num_scales(step, self.total_steps, self.s0, self.s1)
+            return Levels(num_scales, ct_target_ema(num_scales, self.s0, self.mu0))
+        if self.mode == "ict":
+            return Levels(ict_num_scales(step, self.total_steps, self.s0, self.s1), 0.0)
+        if self.mode == "ect":
+            return Levels(0, 0.0, ect_stage(step, self.total_steps, self.num_stages))
+        raise ValueError(f"Unknown mode {self.mode!r}; choose cd, ct, ict or ect.")
+
+    @property
+    def uses_target_ema(self) -> bool:
+        """Whether the target ever differs from the online network (otherwise target = stop-grad(online))."""
+        return self.mode == "ct" or (self.mode == "cd" and self.target_ema > 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Noise-level pairs (sigma_n > sigma_{n+1}), shape (B,) each
+
+
+@functools.lru_cache(maxsize=16)
+def _grid_index_probs(num_scales, sigma_min, sigma_max, rho, lognormal, p_mean, p_std) -> torch.Tensor:
+    if not lognormal:
+        return torch.full((num_scales - 1,), 1.0 / (num_scales - 1), dtype=torch.float64)
+    ascending = karras_sigma_at(
+        torch.arange(num_scales - 1, -1, -1, dtype=torch.float64), num_scales, sigma_min, sigma_max, rho
+    )
+    # iCT's pair i = (sigma_i, sigma_{i+1}) of the ascending grid is our descending pair n = N - 2 - i
+    return lognormal_index_probs(ascending, p_mean, p_std).flip(0)
+
+
+class KarrasGridPairs:
+    """Adjacent points (sigma_n, sigma_{n+1}) of the N-point Karras grid, index 0 = sigma_max.
+
+    n ~ U{0, ..., N-2} for CD and CT (Song et al. 2023), or from iCT's discretised lognormal (Song & Dhariwal 2023,
+    eq. 9) when `lognormal` is set.
+    """
+
+    def __init__(self, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=7.0, lognormal=False, p_mean=-1.1, p_std=2.0):
+        self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
+        self.lognormal, self.p_mean, self.p_std = lognormal, p_mean, p_std
+
+    def index_probs(self, num_scales: int) -> torch.Tensor:
+        """p(n) for n = 0 .. N-2 (float64, sums to 1)."""
+        return _grid_index_probs(
+            num_scales, self.sigma_min, self.sigma_max, self.rho, self.lognormal, self.p_mean, self.p_std
+        )
+
+    def __call__(self, batch_size: int, levels: Levels, device=None, generator=None):
+        n = torch.multinomial(self.index_probs(levels.num_scales), batch_size, replacement=True, generator=generator)
+        grid = functools.partial(
+            karras_sigma_at,
+            num_scales=levels.num_scales,
+            sigma_min=self.sigma_min,
+            sigma_max=self.sigma_max,
+            rho=self.rho,
+        )
+        sigma, sigma_next = grid(n.double()), grid(n.double() + 1)
+        return sigma.float().to(device), sigma_next.float().to(device)
+
+
+class ECTPairs:
+    """ECT (Geng et al. 2024): sigma ~ lognormal(P_mean, P_std) on [sigma_min, sigma_max], r = ect_r(sigma, stage)."""
+
+    def __init__(self, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, p_mean=-1.1, p_std=2.0, q=2.0, k=8.0, b=1.0):
+        self.sigma_min, self.sigma_max, self.p_mean, self.p_std = sigma_min, sigma_max, p_mean, p_std
+        self.q, self.k, self.b = q, k, b
+
+    def __call__(self, batch_size: int, levels: Levels, device=None, generator=None):
+        u = torch.rand(batch_size, dtype=torch.float64, generator=generator)
+        sigma = truncated_lognormal_sigmas(u, self.p_mean, self.p_std, self.sigma_min, self.sigma_max)
+        sigma = sigma.clamp(min=self.sigma_min * (1 + 1e-5))  # keeps sigma - r > 0 where r is clamped to sigma_min
+        sigma_next = ect_r(sigma, levels.stage, self.q, self.k, self.b, self.sigma_min)
+        return sigma.float().to(device), sigma_next.float().to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Estimators of the next trajectory point x_hat_{n+1}
+
+
+class DataPointStep:
+    """CT/iCT/ECT: the Euler step with the data point x as the denoiser lands on x + sigma_{n+1} z exactly."""
+
+    def __call__(self, x_n, sigma, sigma_next, sample, noise, class_labels=None):
+        return sample + append_dims(sigma_next, sample.ndim) * noise
+
+
+class TeacherODEStep:
+    """CD: one Heun (default) or Euler step of the teacher's PF-ODE from sigma_n to sigma_{n+1}.
+
+    The teacher D(x, sigma, class_labels=None) may hold half-precision weights: it is fed in its own dtype and its
+    output is used in float32.
+    """
+
+    def __init__(self, teacher: Callable, solver: str = "heun", dtype: Optional[torch.dtype] = None):
+        if solver not in ("heun", "euler"):
+            raise ValueError(f"Unknown ODE solver {solver!r}; choose heun or euler.")
+        self.teacher, self.solver, self.dtype = teacher, solver, dtype
+
+    def denoiser(self, class_labels=None):
+        def denoise(x, sigma):
+            dtype = self.dtype or x.dtype
+            return self.teacher(x.to(dtype), sigma.reshape(-1).to(dtype), class_labels=class_labels).float()
+
+        return denoise
+
+    def __call__(self, x_n, sigma, sigma_next, sample, noise, class_labels=None):
+        sigma, sigma_next = append_dims(sigma, x_n.ndim), append_dims(sigma_next, x_n.ndim)
+        denoise = self.denoiser(class_labels)
+        if self.solver == "euler":
+            return euler_step(x_n, sigma, sigma_next, denoise(x_n, sigma))
+        return heun_step(denoise, x_n, sigma, sigma_next)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loss
+
+
+def unit_weight(sigma, sigma_next):
+    """CD/CT weighting lambda = 1."""
+    return torch.ones_like(sigma)
+
+
+def unet_forward(unet: torch.nn.Module) -> Callable:
+    """A diffusers UNet2DModel as the raw network F(x_in, t, class_labels=None) -> output."""
+
+    def forward(x_in, t, class_labels=None):
+        return unet(x_in, t, class_labels=class_labels, return_dict=False)[0]
+
+    return forward
+
+
+def shared_dropout(device: torch.device):
+    """Forks the RNG of `device` (CPU always included): what runs inside leaves the RNG as it found it."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device.index or 0], device_type=device.type)
+
+
+class ConsistencyLoss:
+    """d(f_theta(x_n, sigma_n), f_target(x_hat_{n+1}, sigma_{n+1})) weighted by lambda: every mode's loss.
+
+    Args:
+        next_point: (x_n, sigma_n, sigma_{n+1}, x, z, class_labels) -> x_hat_{n+1} (`TeacherODEStep`,
+            `DataPointStep`).
+        sample_sigmas: (batch_size, levels, device) -> (sigma_n, sigma_{n+1}) (`KarrasGridPairs`, `ECTPairs`).
+        distance: (a, b) -> per-sample distance (B,).
+        weighting: (sigma_n, sigma_{n+1}) -> lambda (B,); `unit_weight` or `inverse_gap_weight`.
+        sigma_min, sigma_data: the boundary scalings, the same ones the sampler uses.
+    """
+
+    def __init__(
+        self, next_point, sample_sigmas, distance=l2, weighting=unit_weight, sigma_min=SIGMA_MIN, sigma_data=SIGMA_DATA
+    ):
+        self.next_point, self.sample_sigmas, self.distance, self.weighting = (
+            next_point,
+            sample_sigmas,
+            distance,
+            weighting,
+        )
+        self.sigma_min, self.sigma_data = sigma_min, sigma_data
+
+    def __call__(self, student: Callable, target: Callable, sample: torch.Tensor, levels: Levels, class_labels=None):
+        """Returns the loss (float32 scalar) and a dict of detached per-batch statistics for logging.
+
+        `student` and `target` are raw networks F(x_in, t, class_labels=None) (see `unet_forward`); the target may be
+        the student itself (mu = 0: stop-gradient of the online network).
+        """
+        cond = {"class_labels": class_labels}
+        sigma, sigma_next = self.sample_sigmas(sample.shape[0], levels, device=sample.device)
+        noise = torch.randn_like(sample)
+        x_n = sample + append_dims(sigma, sample.ndim) * noise
+        with torch.no_grad():
+            x_next = self.next_point(x_n, sigma, sigma_next, sample, noise, class_labels)
+
+        with shared_dropout(sample.device):  # the target below draws the same dropout masks as the student
+            denoised = consistency_function(student, x_n, sigma, self.sigma_min, self.sigma_data, **cond)
+        with torch.no_grad():
+            target_denoised = consistency_function(target, x_next, sigma_next, self.sigma_min, self.sigma_data, **cond)
+
+        distance = self.distance(denoised.float(), target_denoised.float())
+        weight = self.weighting(sigma, sigma_next).float()
+        loss = (weight * distance).mean()
+        logs = {"sigma_mean": sigma.mean(), "sigma_next_mean": sigma_next.mean(), "distance": distance.mean()}
+        return loss, {name: value.detach() for name, value in logs.items()}
+
+
+def build_loss(
+    mode: str,
+    distance: Callable,
+    teacher: Optional[Callable] = None,
+    ode_solver: str = "heun",
+    teacher_dtype=None,
+    sigma_min=SIGMA_MIN,
+    sigma_max=SIGMA_MAX,
+    sigma_data=SIGMA_DATA,
+    rho=7.0,
+    p_mean=-1.1,
+    p_std=2.0,
+    q=2.0,
+    k=8.0,
+    b=1.0,
+) -> ConsistencyLoss:
+    """The `ConsistencyLoss` of a mode: its next-point estimator, noise-level pairs and weighting."""
+    if mode == "cd":
+        if teacher is None:
+            raise ValueError("--mode cd distills a teacher: pass --teacher_model_name_or_path.")
+        next_point = TeacherODEStep(teacher, ode_solver, teacher_dtype)
+    elif mode in ("ct", "ict", "ect"):
+        next_point = DataPointStep()
+    else:
+        raise ValueError(f"Unknown mode {mode!r}; choose cd, ct, ict or ect.")
+    if mode == "ect":
+        pairs = ECTPairs(sigma_min, sigma_max, p_mean, p_std, q, k, b)
+    else:
+        pairs = KarrasGridPairs(sigma_min, sigma_max, rho, lognormal=mode == "ict", p_mean=p_mean, p_std=p_std)
+    weighting = inverse_gap_weight if mode in ("ict", "ect") else unit_weight
+    return ConsistencyLoss(next_point, pairs, distance, weighting, sigma_min, sigma_data)
