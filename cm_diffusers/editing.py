@@ -346,7 +346,7 @@ def image_to_tensor(image, input_range=(0.0, 1.0)) -> torch.Tensor:
         return torch.cat(tensors)
     lo, hi = _check_range(input_range)
     if isinstance(image, PIL.Image.Image):
-        array = np.asarray(image.convert("L" if image.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"))
+        array = np.asarray(image.convert("L" if image.mode in ("1", "L", "LA") else "RGB"))
         return image_to_tensor(array, input_range)
     if isinstance(image, np.ndarray):
         if image.ndim not in (2, 3, 4):

@@ -255,7 +255,8 @@ def test_inpaint_input_formats_agree(pipe_gray):
     image = torch.rand(1, 1, 16, 16, generator=gen(12))
     mask = torch.zeros(16, 16)
     mask[:8] = 1
-    run = lambda img, **kw: pipe_gray.inpaint(img, mask, generator=gen(3), output_type="np", **STEPS, **kw).images  # noqa: E731
+    run = lambda img, **kw: pipe_gray.inpaint(  # noqa: E731
+        img, mask, generator=gen(3), output_type="np", num_inference_steps=1, **kw).images
     reference = run(image)
     assert reference.shape == (1, 16, 16, 1)
     np.testing.assert_allclose(run(image * 2 - 1, input_range=(-1, 1)), reference, atol=1e-6)
@@ -264,7 +265,7 @@ def test_inpaint_input_formats_agree(pipe_gray):
     pil = Image.fromarray(uint8[..., 0])
     np.testing.assert_allclose(run(pil), run(uint8), atol=1e-6)
     np.testing.assert_allclose(run(pil), reference, atol=1 / 255)
-    pil_out = pipe_gray.inpaint(pil, mask, generator=gen(3), **STEPS).images[0]
+    pil_out = pipe_gray.inpaint(pil, mask, generator=gen(3), num_inference_steps=1).images[0]
     assert pil_out.size == (16, 16) and pil_out.mode == "L"
 
 
@@ -447,7 +448,7 @@ def test_cli_writes_pngs_for_every_task(saved_models, tmp_path, capsys):
         "inpaint": (gray_model, ["--image", gray, "--mask", mask, "--steps", "2"], (16, 16), "L"),
         "colorize": (rgb_model, ["--image", gray, "--timesteps", "30,10"], (16, 16), "RGB"),
         "super-resolve": (gray_model, ["--image", low, "--scale_factor", "4", "--steps", "2"], (16, 16), "L"),
-        "stroke": (gray_model, ["--image", gray], (16, 16), "L"),
+        "stroke": (gray_model, ["--image", gray, "--sigmas", "6,2"], (16, 16), "L"),
         "denoise": (gray_model, ["--image", gray, "--sigma", "0.5", "--add_noise"], (16, 16), "L"),
         "interpolate": (gray_model, ["--num_frames", "4"], (4 * 18 + 2, 18 + 2), "L"),
     }
@@ -478,5 +479,6 @@ def test_cli_reports_input_errors(saved_models, tmp_path, capsys):
     missing = str(tmp_path / "missing.png")
     assert cli_main(["edit", "inpaint", "--model", gray_model, "--image", gray, "--mask", missing]) == 1
     assert "No such image" in capsys.readouterr().err
-    assert cli_main(["edit", "stroke", "--model", gray_model, "--image", gray, "--steps", "2", "--sigmas", "1"]) == 1
+    assert cli_main(["edit", "inpaint", "--model", gray_model, "--image", gray, "--mask", gray, "--steps", "2",
+                     "--sigmas", "1"]) == 1
     assert "at most one" in capsys.readouterr().err

@@ -49,14 +49,16 @@ def _add_common_arguments(parser, task):
                         help="Pipeline folder, Hub repo id, or shipped short name (default: fashion-mnist-cd).")
     parser.add_argument("--output", default=f"{task}.png",
                         help="Output PNG; several results (--num_samples, interpolation frames) form a grid.")
-    if task != "denoise":
+    if task not in ("denoise", "stroke"):
         parser.add_argument("--steps", type=int, default=None,
-                            help="Number of network evaluations (default: 10; 1 for interpolate; stroke: use "
-                                 "--sigmas).")
+                            help=f"Number of network evaluations (default {1 if task == 'interpolate' else 10}).")
+    if task != "denoise":
         parser.add_argument("--timesteps", default=None,
                             help="Comma-separated descending grid indices, e.g. 22,0 (instead of --steps).")
         parser.add_argument("--sigmas", default=None,
-                            help="Comma-separated descending noise levels, e.g. 5.38,2.24 (instead of --steps).")
+                            help="Comma-separated descending noise levels (instead of --steps)"
+                                 + ("; default: the paper's 5.38,2.24 scaled by sigma_max / 80." if task == "stroke"
+                                    else "."))
     parser.add_argument("--num_samples", type=int, default=1,
                         help="Independent results per input (rows of interpolations for interpolate).")
     parser.add_argument("--class_label", type=int, default=None, help="Class label for class-conditional models.")
@@ -81,10 +83,10 @@ def run(args) -> int:
     task = args.task
     schedule = {}
     if task != "denoise":
-        given = [name for name in ("steps", "timesteps", "sigmas") if getattr(args, name) is not None]
+        given = [name for name in ("steps", "timesteps", "sigmas") if getattr(args, name, None) is not None]
         if len(given) > 1:
             raise ValueError(f"Pass at most one of --steps, --timesteps and --sigmas, got {given}.")
-        schedule = {"num_inference_steps": args.steps, "timesteps": parse_int_list(args.timesteps),
+        schedule = {"num_inference_steps": getattr(args, "steps", None), "timesteps": parse_int_list(args.timesteps),
                     "sigmas": parse_float_list(args.sigmas)}
     if args.num_samples < 1:
         raise ValueError(f"--num_samples must be positive, got {args.num_samples}.")
