@@ -256,7 +256,6 @@ def consistency_edit(
         raise ValueError(f"`latents` have shape {tuple(latents.shape)}, but `y` has shape {tuple(y.shape)}.")
     _check_invertible(transform, y)
 
-    # y <- A^-1[(A y) * (1 - Omega)]: only the kept coefficients of the reference enter the first noisy sample
     y_transformed = transform.forward(y)
     mask = _check_transform_mask(mask, y_transformed)
     kept = y_transformed * (1 - mask)
@@ -265,6 +264,7 @@ def consistency_edit(
         return transform.inverse(kept + transform.forward(x) * mask)
 
     if not start_from_reference:
+        # y <- A^-1[(A y) * (1 - Omega)]: only the kept coefficients of the reference enter the first noisy sample
         y = transform.inverse(kept)
     batch_size = y.shape[0]
     if latents is None:
@@ -273,7 +273,7 @@ def consistency_edit(
     for i, sigma in enumerate(sigmas):
         if i > 0:
             noise = randn_tensor(y.shape, generator=generator, device=y.device, dtype=y.dtype)
-            x = x + math.sqrt(sigma**2 - sigma_min**2) * noise
+            x = x + math.sqrt(max(sigma**2 - sigma_min**2, 0.0)) * noise
         x = consistency_fn(x, torch.full((batch_size,), sigma, device=y.device, dtype=torch.float32))
         if clamp:
             x = x.clamp(-1, 1)
@@ -414,7 +414,9 @@ def _check_range(input_range) -> tuple:
     try:
         lo, hi = (float(v) for v in input_range)
     except (TypeError, ValueError):
-        raise ValueError(f"`input_range` must be a pair (low, high) such as (0, 1) or (-1, 1), got {input_range!r}.")
+        raise ValueError(
+            f"`input_range` must be a pair (low, high) such as (0, 1) or (-1, 1), got {input_range!r}."
+        ) from None
     if not hi > lo:
         raise ValueError(f"`input_range` must have low < high, got {input_range!r}.")
     return lo, hi
