@@ -2,7 +2,7 @@
 
 `save_model_card` renders `templates/model_card.md` with huggingface_hub's `ModelCard`/`ModelCardData`, so the YAML
 metadata (license, library, tags, datasets, base model, model-index) is exactly what the Hub parses. `push_to_hub`
-uploads only what a user needs to load the pipeline (configs, safetensors weights, the card, sample PNGs), never
+uploads only what a user needs to load the pipeline (configs, safetensors weights, the card, sample images), never
 training checkpoints, optimizer states, pickles or logs, in one commit whose unchanged files are skipped, so pushing
 the same folder twice makes no second commit.
 """
@@ -37,7 +37,8 @@ _METRIC_NAMES = {"fid": "FID", "kid": "KID", "is": "Inception score", "precision
 _METRIC_KEY = re.compile(r"^(fid|kid|is|precision|recall)(?:_(.+))?$", re.IGNORECASE)
 
 # What a pushed pipeline folder may contain, relative to the folder. Everything else stays local.
-_PUSH_TOP_LEVEL = ("model_index.json", "README.md", "*.png")
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+_PUSH_TOP_LEVEL = ("model_index.json", "README.md") + tuple("*" + suffix for suffix in _IMAGE_SUFFIXES)
 _PUSH_COMPONENT_FILES = ("*.json", "*.safetensors")
 _PIPELINE_CLASSES = ("ConsistencyModelPipeline", "ConsistencyPipeline")
 
@@ -82,9 +83,15 @@ def save_model_card(output_dir, **info) -> ModelCard:
 
     model = _describe_model(output_dir)
     sample_grid = info.get("sample_grid")
-    if sample_grid is not None and not (output_dir / sample_grid).is_file():
-        raise FileNotFoundError(f"sample_grid {sample_grid!r} is not a file inside {output_dir}.")
-    model_name = info.get("model_name") or info.get("repo_id", "").split("/")[-1] or output_dir.resolve().name
+    if sample_grid is not None:
+        if "/" in sample_grid or not sample_grid.lower().endswith(_IMAGE_SUFFIXES):
+            raise ValueError(
+                f"sample_grid must be the name of an image ({', '.join(_IMAGE_SUFFIXES)}) at the top of the folder, "
+                f"the only images push_to_hub uploads; got {sample_grid!r}."
+            )
+        if not (output_dir / sample_grid).is_file():
+            raise FileNotFoundError(f"sample_grid {sample_grid!r} is not a file inside {output_dir}.")
+    model_name = info.get("model_name") or (info.get("repo_id") or "").split("/")[-1] or output_dir.resolve().name
     card_data = _card_data(info, model, model_name)
 
     sampling = info.get("sampling") or {}
@@ -435,9 +442,9 @@ def push_to_hub(folder, repo_id: str, token=None, private: bool = False, commit_
     Creates the Hub repo `repo_id` (if it does not exist) and uploads the pipeline saved in `folder`.
 
     Only the files a user needs are uploaded (see `files_to_push`): model_index.json, the component configs and
-    safetensors weights, README.md and top-level PNG sample grids. Training checkpoints (`checkpoint-*/`), optimizer
-    and RNG states, pickles (`*.pt`, `*.bin`), logs and TensorBoard events stay local. Files whose content is already
-    on the Hub are skipped, so pushing an unchanged folder again creates no commit.
+    safetensors weights, README.md and the sample images at the top of the folder. Training checkpoints
+    (`checkpoint-*/`), optimizer and RNG states, pickles (`*.pt`, `*.bin`), logs and TensorBoard events stay local.
+    Files whose content is already on the Hub are skipped, so pushing an unchanged folder again creates no commit.
 
     Args:
         folder (`str` or `os.PathLike`): A folder written by `ConsistencyPipeline.save_pretrained`.

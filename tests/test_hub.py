@@ -128,6 +128,8 @@ def test_model_card_input_errors(tmp_path):
         save_model_card(tmp_path, mode="cm")
     with pytest.raises(FileNotFoundError, match="grid.png"):
         save_model_card(tmp_path, sample_grid="grid.png")
+    with pytest.raises(ValueError, match="top of the folder"):
+        save_model_card(tmp_path, sample_grid="samples/grid.png")
     with pytest.raises(FileNotFoundError, match="not a folder"):
         save_model_card(tmp_path / "missing")
 
@@ -158,6 +160,8 @@ def test_push_uploads_exactly_the_pipeline_files(tmp_path, monkeypatch):
     assert files_to_push(folder) == (PIPELINE_FILES, sorted(junk))
     with FakeHub() as hub:
         hub.configure(monkeypatch)
+        assert cli_main(["push", str(folder), "--repo_id", "someone/fashion-mnist-cd", "--dry_run"]) == 0
+        assert hub.requests == []
         url = push_to_hub(folder, "someone/fashion-mnist-cd", private=True, commit_message="First model")
 
         files = hub.files("someone/fashion-mnist-cd")
