@@ -56,10 +56,14 @@ def test_channels_resolution_and_flip(image_folder):
 
     plain = build_dataset(parse("--train_data_dir", str(image_folder), "--resolution", "16"))
     flipped = build_dataset(parse("--train_data_dir", str(image_folder), "--resolution", "16", "--random_flip"))
-    torch.manual_seed(0)
-    pairs = [(plain[i]["pixel_values"], flipped[i]["pixel_values"]) for i in range(len(plain))]
-    assert all(torch.equal(b, a) or torch.equal(b, a.flip(-1)) for a, b in pairs)
-    assert any(not torch.equal(b, a) for a, b in pairs)
+    size = len(plain)
+    assert len(flipped) == 2 * size  # each image as is and mirrored: the shuffled sampler picks which one when
+    for i in range(size):
+        image, label = plain[i]["pixel_values"], plain[i]["class_labels"]
+        assert torch.equal(flipped[i]["pixel_values"], image) and flipped[i]["class_labels"] == label
+        assert torch.equal(flipped[size + i]["pixel_values"], image.flip(-1))
+        assert flipped[size + i]["class_labels"] == label
+    assert not torch.equal(image, image.flip(-1))
 
 
 def test_exactly_one_source_required():

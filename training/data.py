@@ -34,6 +34,7 @@ IMAGE_EXTENSIONS = {
 }  # fmt: skip
 METADATA_FILES = {"metadata.csv", "metadata.jsonl", "metadata.parquet"}  # read by datasets' imagefolder builder
 LABEL_COLUMNS = ("label", "labels", "class", "class_label")
+FLIP_COLUMN = "_flip"
 GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 
 
@@ -87,7 +88,11 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         choices=[1, 3],
         help="1 (grayscale) or 3 (RGB); default: as the data (grayscale stays 1 channel).",
     )
-    group.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
+    group.add_argument(
+        "--random_flip",
+        action="store_true",
+        help="Horizontal flips: each epoch shows every image once as is and once mirrored, in random order.",
+    )
     group.add_argument(
         "--max_train_samples", type=int, default=None, help="Train on at most this many images (for quick runs)."
     )
@@ -105,8 +110,13 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 # Sources
 
 
-def load_fashion_mnist(directory: str = DEFAULT_FASHION_MNIST_DIR, split: str = "train") -> datasets.Dataset:
-    """Fashion-MNIST from its gzipped IDX files as a `datasets.Dataset` with an `image` and a `label` column."""
+def load_fashion_mnist(
+    directory: str = DEFAULT_FASHION_MNIST_DIR, split: str = "train", max_samples: Optional[int] = None
+) -> datasets.Dataset:
+    """Fashion-MNIST from its gzipped IDX files as a `datasets.Dataset` with an `image` and a `label` column.
+
+    `max_samples` keeps the first images only (the files are in random order), before the PNG encoding.
+    """
     if split not in ("train", "test"):
         raise ValueError(f"Fashion-MNIST has the splits `train` and `test`, got --dataset_split {split!r}.")
     prefix = "train" if split == "train" else "t10k"
@@ -115,6 +125,7 @@ def load_fashion_mnist(directory: str = DEFAULT_FASHION_MNIST_DIR, split: str = 
     images = images.reshape(-1, 28, 28)
     if len(images) != len(labels):
         raise ValueError(f"Fashion-MNIST files in {directory} disagree: {len(images)} images, {len(labels)} labels.")
+    images, labels = images[:max_samples], labels[:max_samples]
     features = datasets.Features(
         {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(FASHION_MNIST_CLASSES))}
     )
@@ -142,7 +153,7 @@ def load_source(args) -> datasets.Dataset:
             "--train_data_dir (a folder of images)."
         )
     if args.dataset_name in FASHION_MNIST_NAMES:
-        return load_fashion_mnist(args.fashion_mnist_dir, args.dataset_split)
+        return load_fashion_mnist(args.fashion_mnist_dir, args.dataset_split, args.max_train_samples)
     if args.train_data_dir is not None:
         if not os.path.isdir(args.train_data_dir):
             raise FileNotFoundError(f"--train_data_dir {args.train_data_dir} is not a folder.")
@@ -244,6 +255,21 @@ def num_classes(dataset: datasets.Dataset) -> Optional[int]:
     return int(max(dataset[label_column])) + 1
 
 
+def with_mirrored_copies(dataset: datasets.Dataset) -> datasets.Dataset:
+    """Random horizontal flips as data: every image twice, as is and mirrored (a `_flip` column).
+
+    A shuffled epoch then shows each image once each way, and which version a batch holds depends only on the
+    sampler's (seed, epoch) order: resumed, multi-process and multi-worker runs flip exactly as an uninterrupted
+    one, which a random draw inside the transform cannot promise (Accelerate prefetches the next batch before a
+    checkpoint saves the RNG state).
+    """
+    dataset = dataset.flatten_indices() if dataset._indices is not None else dataset
+    size = len(dataset)
+    return datasets.concatenate_datasets(
+        [dataset.add_column(FLIP_COLUMN, [False] * size), dataset.add_column(FLIP_COLUMN, [True] * size)]
+    )
+
+
 def build_dataset(args) -> datasets.Dataset:
     """The training set named by the data flags, yielding {"pixel_values", "class_labels" (if labelled)}."""
     dataset = load_source(args)
@@ -263,12 +289,13 @@ def build_dataset(args) -> datasets.Dataset:
     channels = args.channels or (1 if first.mode in GRAYSCALE_MODES else 3)
     mode = "L" if channels == 1 else "RGB"
     resolution = args.resolution or min(first.size)
-    random_flip = args.random_flip
+    if args.random_flip:
+        dataset = with_mirrored_copies(dataset)
 
     def transform(batch):
         pixel_values = [preprocess_image(image, resolution, mode) for image in batch[args.image_column]]
-        if random_flip:  # torch's RNG, so Accelerate's saved RNG state makes resumed runs flip identically
-            pixel_values = [p.flip(-1) if torch.rand(()) < 0.5 else p for p in pixel_values]
+        if args.random_flip:
+            pixel_values = [p.flip(-1) if flip else p for p, flip in zip(pixel_values, batch[FLIP_COLUMN])]
         out = {"pixel_values": pixel_values}
         if label_column is not None:
             out["class_labels"] = [int(label) for label in batch[label_column]]
