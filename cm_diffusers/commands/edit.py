@@ -91,7 +91,7 @@ def run(args) -> int:
     if args.num_samples < 1:
         raise ValueError(f"--num_samples must be positive, got {args.num_samples}.")
 
-    pipe = ConsistencyPipeline.from_pretrained(args.model or DEFAULT_MODEL, torch_dtype=DTYPES[args.dtype])
+    pipe = ConsistencyPipeline.from_pretrained(args.model or DEFAULT_MODEL, dtype=DTYPES[args.dtype])
     pipe = pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
     channels = pipe.unet.config.in_channels
