@@ -12,6 +12,7 @@ dim)`). `convert_openai_checkpoint` maps every tensor onto a diffusers `UNet2DMo
 Checkpoints are read with `torch.load(..., weights_only=True)`: a file holding anything but tensors is refused.
 """
 
+import json
 import os
 import pickle
 import re
@@ -415,12 +416,35 @@ def _kind_from_name(name: str) -> str:
 
 
 def _save_teacher(unet, output_dir):
-    """An EDM teacher folder: the UNet plus the EDM scheduler config `load_teacher` reads its sigmas from."""
+    """A teacher folder as `training/train_diffusion.py --model_type edm` writes it, read by `load_teacher`.
+
+    OpenAI's EDM networks take t = 250 ln sigma, diffusers' EDM schedulers 0.25 ln sigma: the scheduler config's
+    `c_noise_scale` (a cm_diffusers key) tells `EDMDenoiser` to multiply by 1000.
+    """
+    import diffusers
     from diffusers import EDMEulerScheduler
 
     unet.save_pretrained(os.path.join(output_dir, "unet"), safe_serialization=True)
-    scheduler = EDMEulerScheduler(sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, sigma_data=SIGMA_DATA)
-    scheduler.save_pretrained(os.path.join(output_dir, "scheduler"))
+    EDMEulerScheduler(sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, sigma_data=SIGMA_DATA).save_pretrained(
+        os.path.join(output_dir, "scheduler")
+    )
+    config_path = os.path.join(output_dir, "scheduler", "scheduler_config.json")
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    config["c_noise_scale"] = 1000.0
+    _write_json(config_path, config)
+    _write_json(os.path.join(output_dir, "model_index.json"), {
+        "_class_name": "EDMUnconditionalPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", "EDMEulerScheduler"],
+        "unet": ["diffusers", "UNet2DModel"],
+    })
+
+
+def _write_json(path, data):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 def _write_card(output_dir, name, kind, known, num_train_timesteps):

@@ -246,6 +246,31 @@ def test_round_trip_every_tensor_and_output_and_openai_forward(tmp_path, config,
     assert "license: mit" in card and name in card
 
 
+def test_edm_teacher_becomes_a_teacher_folder_with_openai_denoiser(tmp_path):
+    """OpenAI's KarrasDenoiser (training_mode edm): D = c_skip x + c_out F(c_in x, 250 ln sigma), EDM scalings."""
+    from cm_diffusers import load_teacher
+
+    unet = random_unet(TINY_IMAGENET, seed=3)
+    openai_sd = to_openai_state_dict(unet)
+    torch.save(openai_sd, tmp_path / "edm_tiny64_ema.pt")
+    out = convert_openai_checkpoint(tmp_path / "edm_tiny64_ema.pt", tmp_path / "teacher", sample_size=16,
+                                    attention_head_dim=32)  # fmt: skip
+    assert sorted(os.listdir(out)) == ["model_index.json", "scheduler", "unet"]
+    teacher = load_teacher(out)
+    assert teacher.kind == "edm" and (teacher.sigma_min, teacher.sigma_max) == (0.002, 80.0)
+
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 3
+    sigma, labels, sigma_data = torch.tensor([2.5, 0.3]), torch.tensor([1, 9]), 0.5
+    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+    c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+    c_in = 1 / (sigma**2 + sigma_data**2).sqrt()
+    with torch.no_grad():
+        F_x = openai_forward(openai_sd, c_in[:, None, None, None] * x, 250 * torch.log(sigma), labels,
+                             num_res_blocks=2, scale_shift=True)  # fmt: skip
+        expected = c_skip[:, None, None, None] * x + c_out[:, None, None, None] * F_x
+        torch.testing.assert_close(teacher(x, sigma, class_labels=labels), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_released_layouts_match_openai_unet_and_are_recognised():
     """The full-size ImageNet-64 and LSUN-256 configs, checked on meta tensors (no memory, no compute)."""
     released = {
