@@ -1,0 +1,256 @@
+"""End-to-end runs of training/train_consistency.py on tiny models: every mode, resume, two processes."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from helpers import make_tiny_unet
+from PIL import Image
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cm_diffusers.hub import MODES  # noqa: E402
+from cm_diffusers.losses import Curriculum, Levels, PseudoHuber, build_loss, unet_forward  # noqa: E402
+from training import train_consistency  # noqa: E402
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+# the architecture of helpers.make_tiny_unet, as a --unet_config file
+TINY_UNET_CONFIG = {
+    "_class_name": "UNet2DModel", "sample_size": 16, "in_channels": 1, "out_channels": 1, "layers_per_block": 1,
+    "block_out_channels": [16, 32], "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 8, "attention_head_dim": 8,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """32 grayscale 16x16 images: soft blobs of random position, size and brightness (seeded)."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:16, 0:16]
+    for i in range(32):
+        cy, cx, radius = rng.uniform(4, 12), rng.uniform(4, 12), rng.uniform(2, 5)
+        image = 255 * rng.uniform(0.5, 1.0) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius**2))
+        Image.fromarray(image.astype(np.uint8)).save(folder / f"{i:02d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def unet_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("config") / "config.json"
+    path.write_text(json.dumps(TINY_UNET_CONFIG))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ddpm_teacher(tmp_path_factory):
+    """A tiny (untrained) DDPM eps-model folder: a real diffusers teacher for the loss path."""
+    path = tmp_path_factory.mktemp("teacher")
+    DDPMPipeline(unet=make_tiny_unet(seed=1), scheduler=DDPMScheduler()).save_pretrained(path)
+    return path
+
+
+def train(*flags):
+    """Runs the script's main() in this process (a fresh Accelerate state each time); returns the global step."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return train_consistency.main(train_consistency.parse_args([str(flag) for flag in flags]))
+
+
+def read_log(output_dir, name="train_log.jsonl"):
+    with open(Path(output_dir) / "logs" / name) as f:
+        return [json.loads(line) for line in f]
+
+
+def steps_of(log):
+    return [entry for entry in log if "step" in entry]
+
+
+def common_flags(data_dir, output_dir, steps):
+    return ["--train_data_dir", data_dir, "--output_dir", output_dir, "--max_train_steps", steps,
+            "--train_batch_size", 8, "--num_validation_images", 4, "--seed", 0]  # fmt: skip
+
+
+def assert_pipeline_samples(output_dir, schedule):
+    from cm_diffusers import ConsistencyPipeline
+
+    pipe = ConsistencyPipeline.from_pretrained(output_dir)
+    images = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), output_type="np", **schedule).images
+    assert images.shape == (2, 16, 16, 1) and np.isfinite(images).all()
+    assert (Path(output_dir) / "unet" / WEIGHTS).is_file()
+    return pipe
+
+
+def load_images(folder):
+    paths = sorted(Path(folder).glob("*.png"))
+    return torch.stack([torch.from_numpy(np.array(Image.open(p), dtype=np.float32))[None] / 127.5 - 1 for p in paths])
+
+
+def eval_loss(mode, unet, images, levels, sigma_min=0.002, sigma_max=80.0, teacher=None, repeats=4):
+    """The mode's loss of `unet` (no dropout) on all images; the same noise and levels for every model evaluated."""
+    loss_fn = build_loss(mode, PseudoHuber(), teacher=teacher, sigma_min=sigma_min, sigma_max=sigma_max)
+    network = unet_forward(unet.eval())
+    torch.manual_seed(123)
+    with torch.no_grad():
+        return float(np.mean([loss_fn(network, network, images, levels)[0].item() for _ in range(repeats)]))
+
+
+def seeded_init(config, seed=0):
+    """The student the script builds without a teacher: `--seed` seeds its weights."""
+    torch.manual_seed(seed)
+    return UNet2DModel.from_config(config)
+
+
+def assert_card(output_dir, mode, *settings):
+    card = (Path(output_dir) / "README.md").read_text()
+    assert MODES[mode][1] in card and "samples_2step.png" in card
+    for setting in settings:
+        assert setting in card
+
+
+# Short runs on fixed-size grids (s0 = s1 for iCT; CT's N(k) runs from s0 to s1 + 1), AdamW without warm-up so
+# that 20 steps move the tiny UNet measurably. The loss is compared on a fixed evaluation (same images, noise and
+# levels for the initial and the trained model): the logged per-step losses are dominated by the random levels.
+LOSS_FLAGS = ["--optimizer", "adamw", "--learning_rate", 3e-3, "--ema_decay", 0]
+MODE_FLAGS = {"ct": {"s0": 40, "s1": 40, "mu0": 0.9}, "ict": {"s0": 10, "s1": 10, "dropout": 0.1}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ct", "ict"])
+def test_training_from_data_lowers_loss_and_saves_pipeline(mode, data_dir, unet_config, tmp_path):
+    out, steps, settings = tmp_path / mode, 20, MODE_FLAGS[mode]
+    mode_flags = [item for name, value in settings.items() for item in (f"--{name}", value)]
+    assert train(*common_flags(data_dir, out, steps), "--mode", mode, "--unet_config", unet_config, *LOSS_FLAGS,
+                 *mode_flags) == steps  # fmt: skip
+
+    log = steps_of(read_log(out))
+    curriculum = Curriculum(mode, steps, s0=settings["s0"], s1=settings["s1"], mu0=settings.get("mu0", 0.9))
+    assert [entry["step"] for entry in log] == list(range(1, steps + 1))
+    assert [(entry["num_scales"], entry["target_ema"]) for entry in log] == [
+        (curriculum(k).num_scales, pytest.approx(curriculum(k).target_ema)) for k in range(steps)
+    ]
+    levels = curriculum(steps)
+    pipe = assert_pipeline_samples(out, {"timesteps": [levels.num_scales // 2, 0]})
+    assert pipe.scheduler.config.num_train_timesteps == levels.num_scales  # the grid of the final step
+    images = load_images(data_dir)
+    before = eval_loss(mode, seeded_init(TINY_UNET_CONFIG), images, levels)
+    after = eval_loss(mode, pipe.unet, images, levels)
+    assert after < 0.97 * before
+    assert_card(out, mode, "s0", "s1")
+
+
+@pytest.mark.slow
+def test_cd_distills_ddpm_teacher(data_dir, ddpm_teacher, tmp_path):
+    from cm_diffusers.teachers import load_teacher
+
+    out, steps = tmp_path / "cd", 20
+    assert train(*common_flags(data_dir, out, steps), "--mode", "cd", "--teacher_model_name_or_path", ddpm_teacher,
+                 "--num_scales", 10, *LOSS_FLAGS) == steps  # fmt: skip
+    teacher = load_teacher(str(ddpm_teacher))
+    pipe = assert_pipeline_samples(out, {"timesteps": [5, 0]})
+    config = pipe.scheduler.config
+    assert config.num_train_timesteps == 10
+    # the student's noise range lies inside the teacher's (a DDPM model knows nothing outside its timesteps)
+    assert config.sigma_min == pytest.approx(max(0.002, teacher.sigma_min))
+    assert config.sigma_max == pytest.approx(min(80.0, teacher.sigma_max))
+    assert all(entry["num_scales"] == 10 for entry in steps_of(read_log(out)))
+
+    images, levels = load_images(data_dir), Levels(10, 0.0)
+    initial = make_tiny_unet(seed=1)  # the student starts from the teacher's UNet (same architecture)
+    before = eval_loss("cd", initial, images, levels, config.sigma_min, config.sigma_max, teacher=teacher)
+    after = eval_loss("cd", pipe.unet, images, levels, config.sigma_min, config.sigma_max, teacher=teacher)
+    assert after < 0.97 * before
+    assert_card(out, "cd", "num_scales", "heun")
+
+
+@pytest.mark.slow
+def test_ect_tunes_a_diffusion_model_and_samples_with_sigmas(data_dir, ddpm_teacher, tmp_path):
+    out, steps = tmp_path / "ect", 20
+    assert train(*common_flags(data_dir, out, steps), "--mode", "ect", "--teacher_model_name_or_path", ddpm_teacher,
+                 "--ect_num_stages", 2, "--dropout", 0.0, *LOSS_FLAGS) == steps  # fmt: skip
+    log = steps_of(read_log(out))
+    assert [entry["stage"] for entry in log] == [0] * 10 + [1] * 10
+    pipe = assert_pipeline_samples(out, {"num_inference_steps": 1})
+    config = pipe.scheduler.config
+    assert_pipeline_samples(out, {"sigmas": [config.sigma_max, 0.821]})  # continuous levels: explicit sigmas
+    images = load_images(data_dir)
+    before = eval_loss("ect", make_tiny_unet(seed=1), images, Levels(0, 0.0, 1), config.sigma_min, config.sigma_max)
+    after = eval_loss("ect", pipe.unet, images, Levels(0, 0.0, 1), config.sigma_min, config.sigma_max)
+    assert after < 0.97 * before
+    assert_card(out, "ect", "num_stages", "sigmas")
+
+
+@pytest.mark.slow
+def test_resume_equals_uninterrupted_run(data_dir, unet_config, tmp_path):
+    """6 steps straight == 3 steps + resume + 3 steps: weights, EMA, target, curriculum, data order, noise, dropout."""
+
+    def flags(out):
+        return common_flags(data_dir, out, 6) + [
+            "--mode", "ct", "--unet_config", unet_config, "--s0", 2, "--s1", 20, "--dropout", 0.2, "--ema_decay", 0.9,
+            "--gradient_accumulation_steps", 2, "--train_batch_size", 4, "--checkpointing_steps", 3,
+            "--learning_rate", 1e-3, "--lr_warmup_steps", 4,
+        ]  # fmt: skip
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(*flags(straight))
+    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
+    assert train(*flags(resumed), "--resume_from_checkpoint", "latest") == 6
+
+    straight_log, resumed_log = steps_of(read_log(straight)), steps_of(read_log(resumed))
+    assert [entry["step"] for entry in resumed_log] == [4, 5, 6]
+    assert len({entry["num_scales"] for entry in straight_log}) == 6  # N(k) moves every step
+    for a, b in zip(straight_log[3:], resumed_log):
+        assert (a["num_scales"], a["target_ema"], a["lr"]) == (b["num_scales"], b["target_ema"], b["lr"])
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    a, b = load_file(straight / "unet" / WEIGHTS), load_file(resumed / "unet" / WEIGHTS)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_model(data_dir, unet_config, tmp_path):
+    """accelerate launch --multi_gpu --num_processes 2 on CPU: a real gloo group, not two independent trainings."""
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(free_port()), str(REPO / "training" / "train_consistency.py")]  # fmt: skip
+    flags = common_flags(data_dir, out, 6) + ["--mode", "ict", "--unet_config", unet_config, "--train_batch_size", 4,
+                                              "--s0", 2, "--s1", 16, "--ema_decay", 0, "--log_every_rank"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command + [str(flag) for flag in flags], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    rank0, rank1 = read_log(out, "train_log_rank0.jsonl"), read_log(out, "train_log_rank1.jsonl")
+    steps0, steps1 = steps_of(rank0), steps_of(rank1)
+    curriculum = Curriculum("ict", 6, s0=2, s1=16)
+    expected = [curriculum(k).num_scales for k in range(6)]
+    assert [entry["num_scales"] for entry in steps0] == [entry["num_scales"] for entry in steps1] == expected
+    assert [entry["weights_sha256"] for entry in steps0] == [entry["weights_sha256"] for entry in steps1]
+    assert len({entry["weights_sha256"] for entry in steps0}) == 6  # and the weights do change every step
+    assert [entry["loss"] for entry in steps0] == [entry["loss"] for entry in steps1]  # the all-reduced loss
+    assert any(a["local_loss"] != b["local_loss"] for a, b in zip(steps0, steps1))  # different data shards
+    # only the main process wrote the pipeline, and it holds the synchronised weights
+    assert [entry for entry in rank0 if entry.get("event")] == [{"event": "saved_pipeline", "rank": 0}]
+    assert not [entry for entry in rank1 if entry.get("event")]
+    pipe = assert_pipeline_samples(out, {"num_inference_steps": 1})
+    assert train_consistency.weights_digest(pipe.unet) == steps0[-1]["weights_sha256"]
