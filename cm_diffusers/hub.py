@@ -71,6 +71,7 @@ def save_model_card(output_dir, **info) -> ModelCard:
     Returns:
         [`huggingface_hub.ModelCard`]: The card, already validated with `validate_model_card`.
     """
+    info = {key: _plain(value) for key, value in info.items()}
     unknown = sorted(set(info) - set(CARD_INFO_KEYS))
     if unknown:
         logger.warning(f"save_model_card ignores unknown keys {unknown}; known keys: {list(CARD_INFO_KEYS)}.")
@@ -173,6 +174,7 @@ def _card_data(info: dict, model: dict, model_name: str) -> ModelCardData:
         tags.append(MODES[mode][0])
     base_model = info.get("base_model")
     dataset = info.get("dataset")
+    dataset = None if dataset and os.path.exists(dataset) else dataset  # a local folder is no Hub data set
     eval_results = None
     metrics = _metrics(info.get("eval_results"))
     if metrics and dataset:
@@ -334,6 +336,17 @@ def _limitations(info: dict, model: dict) -> list:
         items.append("FID depends on the sample count and reference set; compare only numbers measured alike.")
     items.extend(info.get("limitations") or [])
     return items
+
+
+def _plain(value):
+    """Tensors, numpy values and tuples -> plain Python, so cards print and store them as numbers and lists."""
+    if hasattr(value, "tolist"):  # torch.Tensor, numpy arrays and scalars
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
 
 
 def _info_json(info: dict) -> str:

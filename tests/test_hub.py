@@ -116,8 +116,9 @@ def test_model_card_with_no_info_and_a_local_class_conditional_teacher(tmp_path)
     # A teacher given as a local folder is named in the text but is no Hub base_model; FID without a data set
     # id stays in the table only (the Hub's model-index needs a data set).
     card = save_model_card(tmp_path, mode="ect", base_model=str(tmp_path), eval_results={"fid_1step": 9.0},
-                           license="mit")  # fmt: skip
-    assert card.data.base_model is None and card.data.license == "mit"
+                           license="mit", dataset=str(tmp_path), sampling={"sigmas": torch.tensor([80.0, 0.5])})
+    assert card.data.base_model is None and card.data.datasets is None and card.data.license == "mit"
+    assert "sigmas=[80.0, 0.5]" in card.text and load_card_info(tmp_path)["sampling"] == {"sigmas": [80.0, 0.5]}
     assert str(tmp_path) in card.text and "| FID, 1 step | 9 |" in card.text
     assert "model-index" not in card.data.to_dict()
 
