@@ -193,6 +193,9 @@ def test_push_twice_is_a_no_op_and_a_changed_card_is_one_small_commit(tmp_path, 
         assert capsys.readouterr().out.strip().endswith(hub.commits[-1]["oid"])
         assert len(hub.commits) == 2 and hub.commits[1]["files"] == {"README.md": "regular"}
         assert hub.files("someone/cd")["README.md"] == (folder / "README.md").read_bytes()
+        # A new branch starts from main, so the same folder pushed there is again no new commit.
+        push_to_hub(folder, "someone/cd", revision="dev")
+        assert hub.files("someone/cd", "dev") == hub.files("someone/cd") and len(hub.commits) == 2
 
 
 def test_push_without_token_fails_clearly_before_any_request(tmp_path, monkeypatch, capsys):
