@@ -22,6 +22,9 @@ _LAZY = {
     "EDMDenoiser": "teachers",
     "ConsistencyLoss": "losses",
     "resolve_pretrained": "pretrained",
+    "save_model_card": "hub",
+    "push_to_hub": "hub",
+    "convert_openai_checkpoint": "convert_openai",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
