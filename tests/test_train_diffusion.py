@@ -18,6 +18,15 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(True)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on shared cores its OpenMP spin-waits cost up to 100x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_unet_config(tmp_path):
     make_tiny_unet().save_config(tmp_path / "unet_config")
@@ -88,6 +97,25 @@ def test_ddpm_loss_falls_and_the_folder_is_a_ddpm_pipeline(tmp_path, tiny_unet_c
     ema = torch.load(out / "checkpoint-30" / "custom_checkpoint_0.pkl", weights_only=True)
     saved = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     assert torch.equal(saved["conv_in.weight"], ema["shadow_params"][0])
+
+
+@requires_fashion_mnist
+@pytest.mark.slow
+def test_edm_loss_falls_and_the_folder_has_the_edm_scheduler(tmp_path, tiny_unet_config):
+    from diffusers import EDMEulerScheduler, UNet2DModel
+
+    out = tmp_path / "edm"
+    run(
+        out, tiny_unet_config, "--model_type", "edm",
+        "--max_train_samples", "128", "--train_batch_size", "8", "--max_train_steps", "30",
+        "--learning_rate", "2e-3", "--lr_warmup_steps", "5",
+    )  # fmt: skip
+    losses = tensorboard_scalars(out / "logs", "loss")
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:3]) / 3, losses  # lognormal sigmas make EDM's loss noisy
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-30", "logs", "samples", "scheduler", "unet"]
+    scheduler = EDMEulerScheduler.from_pretrained(out, subfolder="scheduler")
+    assert (scheduler.config.sigma_data, scheduler.config.sigma_min, scheduler.config.sigma_max) == (0.5, 0.002, 80.0)
+    assert UNet2DModel.from_pretrained(out, subfolder="unet").config.sample_size == 16
 
 
 @requires_fashion_mnist

@@ -9,7 +9,8 @@ optimizer, accelerator.prepare, the loop, save). Two model types:
 - `--model_type edm`: the same UNet with EDM preconditioning (Karras et al. 2022): D(x, sigma) = c_skip x +
   c_out F(c_in x, c_noise) with c_noise = 0.25 ln sigma and sigma_data = 0.5, trained on ln sigma ~ N(P_mean,
   P_std^2) with EDM's loss weight; saved with diffusers' EDMEulerScheduler config, whose precondition_* methods
-  compute the scalings here and at sampling time.
+  compute the scalings here and at sampling time. The folder holds unet/ and scheduler/ (diffusers has no
+  unconditional EDM pipeline class), read by `cm_diffusers.load_teacher`.
 
 The run is resumable: `--checkpointing_steps` writes complete checkpoints atomically, `--resume_from_checkpoint
 latest` continues exactly where the last one stopped (same data order, same noise, same weights).
@@ -289,13 +290,15 @@ def save_pipeline(unet, noise_scheduler, output_dir: str, model_type: str):
     shutil.rmtree(tmp_dir, ignore_errors=True)
     if model_type == "ddpm":
         DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(tmp_dir)
+        components = ("unet", "scheduler", "model_index.json")  # the index last: it marks a complete pipeline
     else:
-        # diffusers has no unconditional EDM pipeline class: the folder holds the components and a model_index.json
-        # naming them, read by cm_diffusers.load_teacher (or UNet2DModel / EDMEulerScheduler with `subfolder=`).
+        # diffusers has no unconditional EDM pipeline class to name in a model_index.json: the folder holds the two
+        # components (like OpenAI's converted EDM teachers), read by cm_diffusers.load_teacher or by
+        # UNet2DModel / EDMEulerScheduler.from_pretrained(folder, subfolder=...).
         unet.save_pretrained(os.path.join(tmp_dir, "unet"))
         noise_scheduler.save_pretrained(os.path.join(tmp_dir, "scheduler"))
-        write_edm_model_index(tmp_dir)
-    for name in ("unet", "scheduler", "model_index.json"):  # the index last: it marks a complete folder
+        components = ("unet", "scheduler")
+    for name in components:
         src, dst = os.path.join(tmp_dir, name), os.path.join(output_dir, name)
         if os.path.isdir(dst):
             shutil.rmtree(dst + ".old", ignore_errors=True)
@@ -303,19 +306,6 @@ def save_pipeline(unet, noise_scheduler, output_dir: str, model_type: str):
         os.replace(src, dst)
         shutil.rmtree(dst + ".old", ignore_errors=True)
     shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
-def write_edm_model_index(folder: str):
-    import diffusers
-
-    index = {
-        "_class_name": "EDMUnconditionalPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "scheduler": ["diffusers", "EDMEulerScheduler"],
-        "unet": ["diffusers", "UNet2DModel"],
-    }
-    with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump(index, f, indent=2)
 
 
 def tracker_config(args) -> dict:
