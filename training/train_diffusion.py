@@ -324,6 +324,8 @@ def main(args):
         log_with=args.report_to,
         project_dir=os.path.join(args.output_dir, args.logging_dir),
     )
+    if not accelerator.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)  # one copy of the progress messages
     torch.manual_seed(args.seed)  # weights and the data order (the seedable sampler reads torch.initial_seed())
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
