@@ -238,25 +238,20 @@ class DataPointStep:
 class TeacherODEStep:
     """CD: one Heun (default) or Euler step of the teacher's PF-ODE from sigma_n to sigma_{n+1}.
 
-    The teacher D(x, sigma, class_labels=None) may hold half-precision weights: it is fed in its own dtype and its
-    output is used in float32.
+    The teacher D(x, sigma, class_labels=None) takes sigma of shape (B,); it may hold half-precision weights (the
+    adapters of `cm_diffusers.teachers` compute their scalings in float32), and its output is used in float32.
     """
 
-    def __init__(self, teacher: Callable, solver: str = "heun", dtype: Optional[torch.dtype] = None):
+    def __init__(self, teacher: Callable, solver: str = "heun"):
         if solver not in ("heun", "euler"):
             raise ValueError(f"Unknown ODE solver {solver!r}; choose heun or euler.")
-        self.teacher, self.solver, self.dtype = teacher, solver, dtype
-
-    def denoiser(self, class_labels=None):
-        def denoise(x, sigma):
-            dtype = self.dtype or x.dtype
-            return self.teacher(x.to(dtype), sigma.reshape(-1).to(dtype), class_labels=class_labels).float()
-
-        return denoise
+        self.teacher, self.solver = teacher, solver
 
     def __call__(self, x_n, sigma, sigma_next, sample, noise, class_labels=None):
+        def denoise(x, sigma_b):
+            return self.teacher(x, sigma_b.reshape(-1), class_labels=class_labels).float()
+
         sigma, sigma_next = append_dims(sigma, x_n.ndim), append_dims(sigma_next, x_n.ndim)
-        denoise = self.denoiser(class_labels)
         if self.solver == "euler":
             return euler_step(x_n, sigma, sigma_next, denoise(x_n, sigma))
         return heun_step(denoise, x_n, sigma, sigma_next)
@@ -341,7 +336,6 @@ def build_loss(
     distance: Callable,
     teacher: Optional[Callable] = None,
     ode_solver: str = "heun",
-    teacher_dtype=None,
     sigma_min=SIGMA_MIN,
     sigma_max=SIGMA_MAX,
     sigma_data=SIGMA_DATA,
@@ -356,7 +350,7 @@ def build_loss(
     if mode == "cd":
         if teacher is None:
             raise ValueError("--mode cd distills a teacher: pass --teacher_model_name_or_path.")
-        next_point = TeacherODEStep(teacher, ode_solver, teacher_dtype)
+        next_point = TeacherODEStep(teacher, ode_solver)
     elif mode in ("ct", "ict", "ect"):
         next_point = DataPointStep()
     else:

@@ -34,6 +34,7 @@ import math
 import os
 import shlex
 import sys
+import time
 
 import torch
 from diffusers import UNet2DModel
@@ -160,6 +161,7 @@ def parse_args(argv=None):
 
     add_data_args(parser)
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(str(arg) for arg in (sys.argv[1:] if argv is None else argv))  # for the card
     for name, value in MODE_DEFAULTS[args.mode].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -208,10 +210,11 @@ def build_student(args, teacher, resolution: int, channels: int, n_classes) -> U
         config = default_unet_config(resolution, channels, n_classes if args.class_conditional else None)
     config["dropout"] = args.dropout
     unet = UNet2DModel.from_config(config)
-    # Start from the teacher when the architectures match: its features transfer, although its input scaling and
-    # time input differ from the consistency parameterisation (a DDPM eps-model sees x / sqrt(1 + sigma^2) and
-    # t in [0, 1000), an EDM model c_noise = ln(sigma) / 4, the student c_in x and 250 ln(sigma)); the first steps
-    # re-learn the time embedding and output head, which is far cheaper than learning the features from scratch.
+    # Start from the teacher when the architectures match. Only an EDM teacher trained with OpenAI's time input
+    # t = 250 ln sigma (c_noise_scale 1000) has exactly the student's scalings; a diffusers EDM model takes
+    # c_noise = ln(sigma) / 4 and a DDPM eps-model x / sqrt(1 + sigma^2) at t in [0, 1000) and predicts noise.
+    # Its convolution and attention features still transfer: the first steps re-learn the time embedding and the
+    # output head, which is far cheaper than learning the features from scratch (--no_teacher_init to compare).
     if teacher is not None and not args.no_teacher_init:
         try:
             unet.load_state_dict(teacher.unet.state_dict())
@@ -429,7 +432,6 @@ def main(args):
         make_distance(args.loss_type, args.huber_c, accelerator.device),
         teacher,
         args.ode_solver,
-        weight_dtype,
         sigma_min,
         sigma_max,
         args.sigma_data,
@@ -519,6 +521,7 @@ def main(args):
 
     # 5. The loop: load batch, sample levels, loss, backward, step, update target/EMA, log, checkpoint
     while global_step < args.max_train_steps:
+        step_start = time.perf_counter()
         levels = curriculum(global_step)  # N(k), mu(k), ECT stage: from the global step, the same on every rank
         step_loss = 0.0
         for _ in range(args.gradient_accumulation_steps):
@@ -553,6 +556,7 @@ def main(args):
             "stage": levels.stage,
         }
         logs.update({name: value.item() for name, value in stats.items()})
+        logs["step_time"] = time.perf_counter() - step_start  # wall time of the step: .item() synchronised above
         progress.update(1)
         progress.set_postfix(loss=f"{logs['loss']:.4g}", N=levels.num_scales)
         accelerator.log(logs, step=global_step)
@@ -601,7 +605,7 @@ def save_pipeline(args, unet, ema, scheduler, schedules, final_levels, global_st
         mode=args.mode,
         base_model=args.teacher_model_name_or_path,
         dataset=args.dataset_name or args.train_data_dir,
-        training_command="accelerate launch training/train_consistency.py " + shlex.join(sys.argv[1:]),
+        training_command="accelerate launch training/train_consistency.py " + args.command_line,
         hardware=f"{accelerator.num_processes} x {device}",
         train_steps=global_step,
         loss=describe_loss(args),

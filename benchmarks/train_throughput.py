@@ -1,0 +1,194 @@
+#!/usr/bin/env python
+"""Throughput of one consistency-distillation step of training/train_consistency.py against its floor.
+
+The step is timed inside the real script (its per-step wall time, logged after the loss is synchronised), on a run
+of `--mode cd` with a Heun teacher, target network, evaluation EMA, RAdam, gradient clipping and the data loader.
+The floor is measured in the same process on the same batch shape and models: one student forward + backward, one
+target forward and two teacher forwards (Heun), i.e. the network work a CD step cannot avoid. Also reports peak
+memory (CUDA max_memory_allocated on GPU, peak RSS on CPU). Target: step <= 1.10 x floor.
+
+    python benchmarks/train_throughput.py                      # CPU: the 1.1M-parameter 28x28 model, batch 64
+    python benchmarks/train_throughput.py --preset cifar10     # GPU: the 35.7M-parameter ddpm-cifar10 UNet, batch 128
+
+Writes benchmarks/results/train_throughput_<device>.json and a PNG bar plot next to it.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from cm_diffusers.teachers import load_teacher  # noqa: E402
+from training import train_consistency  # noqa: E402
+
+PRESETS = {
+    # DESIGN.md's CPU model: Fashion-MNIST size, blocks (32, 64, 64), one attention level
+    "fmnist": dict(resolution=28, channels=1, batch_size=64, unet=dict(
+        layers_per_block=1, block_out_channels=(32, 64, 64), down_block_types=("DownBlock2D", "AttnDownBlock2D",
+        "DownBlock2D"), up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))),
+    # google/ddpm-cifar10-32's architecture
+    "cifar10": dict(resolution=32, channels=3, batch_size=128, unet=dict(
+        layers_per_block=2, block_out_channels=(128, 256, 256, 256), down_block_types=("DownBlock2D",
+        "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D",
+        "UpBlock2D"))),
+}  # fmt: skip
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="fmnist (CPU) or cifar10 (GPU).")
+    parser.add_argument("--batch_size", type=int, default=None, help="Default: the preset's.")
+    parser.add_argument("--warmup_steps", type=int, default=5, help="Steps left out of the timing.")
+    parser.add_argument("--steps", type=int, default=20, help="Timed steps.")
+    parser.add_argument("--floor_repeats", type=int, default=20, help="Repetitions of the floor measurement.")
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    parser.add_argument("--num_workers", type=int, default=None, help="Data loader workers (default 2 on GPU).")
+    parser.add_argument("--output_dir", default=os.path.join(REPO, "benchmarks", "results"))
+    return parser.parse_args()
+
+
+def make_data(folder, count, resolution, channels, seed=0):
+    """`count` smooth random images: the data loader does the same work as on real images."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:resolution, 0:resolution] / resolution
+    for i in range(count):
+        fx, fy, phase = rng.uniform(1, 4, size=3)
+        base = 127 + 120 * np.sin(2 * np.pi * (fx * xx + fy * yy) + phase)
+        image = np.stack([base * rng.uniform(0.5, 1)] * channels, -1) if channels == 3 else base
+        Image.fromarray(image.astype(np.uint8)).save(os.path.join(folder, f"{i:04d}.png"))
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_floor(teacher, student, batch, repeats, device, autocast_dtype):
+    """Seconds of 1 student fwd+bwd, 1 target fwd and 2 teacher fwds (Heun) on `batch`: the median of `repeats`."""
+    sigma = torch.full((batch.shape[0],), 1.0, device=device)
+    t = 250.0 * torch.log(sigma)
+    student.train()
+    times = []
+    for _ in range(repeats + 3):
+        synchronize(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            with torch.no_grad():
+                teacher(batch, sigma)
+                teacher(batch, sigma)
+                student(batch, t, return_dict=False)[0]  # the target: same architecture, no gradient
+            output = student(batch, t, return_dict=False)[0]
+        output.float().square().mean().backward()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+        student.zero_grad(set_to_none=True)
+    return statistics.median(times[3:])
+
+
+def main():
+    args = parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    preset_name = args.preset or ("cifar10" if device.type == "cuda" else "fmnist")
+    preset = PRESETS[preset_name]
+    batch_size = args.batch_size or preset["batch_size"]
+    num_workers = args.num_workers if args.num_workers is not None else (2 if device.type == "cuda" else 0)
+    resolution, channels = preset["resolution"], preset["channels"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir, teacher_dir, run_dir = (os.path.join(tmp, name) for name in ("data", "teacher", "run"))
+        os.makedirs(data_dir)
+        make_data(data_dir, max(4 * batch_size, 256), resolution, channels)
+        torch.manual_seed(0)
+        unet = UNet2DModel(sample_size=resolution, in_channels=channels, out_channels=channels, **preset["unet"])
+        DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(teacher_dir)
+        num_params = sum(p.numel() for p in unet.parameters())
+
+        # 1. The real script: cd, Heun teacher, target EMA 0.95, evaluation EMA, RAdam, clipping
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        flags = ["--mode", "cd", "--teacher_model_name_or_path", teacher_dir, "--train_data_dir", data_dir,
+                 "--output_dir", run_dir, "--max_train_steps", args.warmup_steps + args.steps,
+                 "--train_batch_size", batch_size, "--target_ema_decay", 0.95, "--ema_decay", 0.9999,
+                 "--mixed_precision", args.mixed_precision, "--dataloader_num_workers", num_workers,
+                 "--num_validation_images", 4, "--ode_solver", "heun"]  # fmt: skip
+        train_consistency.main(train_consistency.parse_args([str(flag) for flag in flags]))
+        with open(os.path.join(run_dir, "logs", "train_log.jsonl")) as f:
+            step_times = [entry["step_time"] for entry in map(json.loads, f) if "step_time" in entry]
+        step_time = statistics.median(step_times[args.warmup_steps :])
+        peak_train = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+        # 2. The floor, same process, same shapes, same precision
+        autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision)
+        weight_dtype = autocast_dtype or torch.float32
+        teacher = load_teacher(teacher_dir, torch_dtype=weight_dtype, device=device)
+        student = UNet2DModel.from_pretrained(os.path.join(teacher_dir, "unet")).to(device)
+        batch = torch.randn(batch_size, channels, resolution, resolution, device=device)
+        floor_time = measure_floor(teacher, student, batch, args.floor_repeats, device, autocast_dtype)
+
+    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    result = {
+        "benchmark": "train_throughput",
+        "device": device_name,
+        "torch_threads": torch.get_num_threads(),
+        "preset": preset_name,
+        "unet_parameters": num_params,
+        "batch_size": batch_size,
+        "resolution": resolution,
+        "channels": channels,
+        "mixed_precision": args.mixed_precision,
+        "dataloader_num_workers": num_workers,
+        "timed_steps": len(step_times[args.warmup_steps :]),
+        "cd_step_seconds": step_time,
+        "floor_seconds": floor_time,
+        "ratio": step_time / floor_time,
+        "target_ratio": 1.10,
+        "images_per_second": batch_size / step_time,
+        "peak_cuda_memory_mib": peak_train / 2**20 if peak_train is not None else None,
+        "peak_rss_mib": peak_rss_mib,
+        "step_times": step_times,
+    }
+    os.makedirs(args.output_dir, exist_ok=True)
+    stem = os.path.join(args.output_dir, f"train_throughput_{device.type}_{preset_name}")
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+    plot(result, stem + ".png")
+    print(json.dumps({k: v for k, v in result.items() if k != "step_times"}, indent=2))
+    print(f"CD step {step_time * 1e3:.1f} ms vs floor {floor_time * 1e3:.1f} ms: ratio {result['ratio']:.3f} "
+          f"(target <= 1.10)")  # fmt: skip
+
+
+def plot(result, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    values = [result["floor_seconds"] * 1e3, result["cd_step_seconds"] * 1e3]
+    ax.bar(["floor\n(networks only)", "CD step\n(train_consistency.py)"], values, color=["#999999", "#3b75af"])
+    ax.axhline(values[0] * result["target_ratio"], color="#c44e52", linestyle="--", label="1.10 x floor")
+    ax.set_ylabel("ms per step")
+    ax.set_title(f"{result['preset']}, batch {result['batch_size']}, {result['device']}: "
+                 f"ratio {result['ratio']:.2f}", fontsize=9)  # fmt: skip
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
