@@ -252,3 +252,78 @@ def test_fid_and_kid_rank_test_split_below_corrupted_images(fashion_features):
     # KID is unbiased: ~0 for test vs train, an order of magnitude larger under corruption.
     assert abs(kids["test"]) < 0.01
     assert 0.02 < kids["noise 0.05"] < kids["noise 0.15"] and kids["blur 1.0"] > 0.02
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The evaluate and benchmark commands end to end on tiny saved models
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    from diffusers import DDPMPipeline, DDPMScheduler
+    from helpers import make_tiny_unet
+
+    from cm_diffusers import ConsistencyPipeline, ConsistencyScheduler
+
+    root = tmp_path_factory.mktemp("models")
+    ConsistencyPipeline(make_tiny_unet(seed=0), ConsistencyScheduler()).save_pretrained(root / "cm")
+    DDPMPipeline(make_tiny_unet(seed=1), DDPMScheduler(num_train_timesteps=100)).save_pretrained(root / "ddpm")
+    return str(root / "cm"), str(root / "ddpm")
+
+
+def test_evaluate_and_benchmark_reject_bad_flags(tiny_models, tmp_path, capsys):
+    from cm_diffusers.cli import main
+
+    model, teacher = tiny_models
+    assert main(["evaluate", "--model", model, "--steps", "1,0", "--output_dir", str(tmp_path)]) == 1
+    assert "--steps must list positive integers" in capsys.readouterr().err
+    assert main(["evaluate", "--model", model, "--teacher_samplers", "heun,lms", "--output_dir", str(tmp_path)]) == 1
+    assert "Unknown --teacher_samplers ['lms']" in capsys.readouterr().err
+    assert main(["benchmark", "--model", model, "--teacher", teacher]) == 1
+    assert "exactly one of --eval_json" in capsys.readouterr().err
+
+
+@requires_fashion_mnist
+@pytest.mark.slow
+def test_evaluate_then_benchmark_end_to_end(tiny_models, tmp_path):
+    import json
+
+    from cm_diffusers.cli import main
+
+    model, teacher = tiny_models
+    out = tmp_path / "eval"
+    args = ["evaluate", "--model", model, "--teacher", teacher, "--steps", "1,2", "--teacher_samplers", "heun,ddim",
+            "--teacher_nfe", "1,2", "--num_samples", "4", "--batch_size", "2", "--reference", "fashion-mnist-test",
+            "--reference_num_samples", "8", "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out),
+            "--no_progress"]
+    assert main(args) == 0
+    report = json.loads((out / "results.json").read_text())
+    runs = [(r["model"], r["sampler"], r["steps"], r["nfe"]) for r in report["results"]]
+    assert runs == [("consistency model", "consistency", 1, 1), ("consistency model", "consistency", 2, 2),
+                    ("teacher", "heun", 1, 1),  # NFE 2 buys no more than 1 Heun step: deduplicated
+                    ("teacher", "ddim", 1, 1), ("teacher", "ddim", 2, 2)]
+    assert report["reference"] == {"source": "fashion-mnist-test:res=16:n=8", "count": 8}
+    for r in report["results"]:
+        assert r["num_samples"] == 4 and r["fid"] > 0 and np.isfinite(r["kid"]) and r["ms_per_image"] > 0
+    # Untrained networks make noise-like images: far from Fashion-MNIST.
+    assert min(r["fid"] for r in report["results"]) > 100
+    for name in ["fid_vs_nfe.png", "fid_vs_time.png", "samples/teacher-ddim-nfe2.png"]:
+        assert Image.open(out / name).size[0] > 0
+    assert Image.open(out / "samples/consistency-model-1step.png").size == (32, 32)  # 4 images, 2 x 2 grid
+    assert "| teacher | ddim | 2 | 2 |" in (out / "results.md").read_text()
+
+    bench = tmp_path / "bench.json"
+    assert main(["benchmark", "--model", model, "--teacher", teacher, "--eval_json", str(out / "results.json"),
+                 "--batch_size", "2", "--num_batches", "1", "--price_per_hour", "3.6",
+                 "--output_json", str(bench)]) == 0
+    result = json.loads(bench.read_text())
+    assert [c["consistency_steps"] for c in result["comparisons"]] == [1, 2]
+    for entry in result["entries"]:  # $3.6/hour = $0.001/s: cost per 10^6 images = 1000 s / (images/s)
+        assert entry["cost_per_million_images"] == pytest.approx(1000 / entry["images_per_second"])
+    for comparison in result["comparisons"]:
+        cm_fid = comparison["consistency_fid"]
+        matching = [r for r in report["results"] if r["sampler"] != "consistency" and r["fid"] <= cm_fid]
+        if matching:  # the cheapest teacher configuration at least as good as the consistency model
+            assert comparison["fid_matched"] and comparison["teacher_nfe"] == min(r["nfe"] for r in matching)
+        else:
+            assert comparison["speedup_is_lower_bound"]

