@@ -116,7 +116,15 @@ def main():
         DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(teacher_dir)
         num_params = sum(p.numel() for p in unet.parameters())
 
-        # 1. The real script: cd, Heun teacher, target EMA 0.95, evaluation EMA, RAdam, clipping
+        # 1. The floor, same process, same shapes and precision; measured before and after the run, so that a
+        # change of machine load during the run biases neither side
+        autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision)
+        teacher = load_teacher(teacher_dir, torch_dtype=autocast_dtype or torch.float32, device=device)
+        student = UNet2DModel.from_pretrained(os.path.join(teacher_dir, "unet")).to(device)
+        batch = torch.randn(batch_size, channels, resolution, resolution, device=device)
+        floor_before = measure_floor(teacher, student, batch, args.floor_repeats, device, autocast_dtype)
+
+        # 2. The real script: cd, Heun teacher, target EMA 0.95, evaluation EMA, RAdam, clipping
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         flags = ["--mode", "cd", "--teacher_model_name_or_path", teacher_dir, "--train_data_dir", data_dir,
@@ -130,13 +138,8 @@ def main():
         step_time = statistics.median(step_times[args.warmup_steps :])
         peak_train = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
-        # 2. The floor, same process, same shapes, same precision
-        autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision)
-        weight_dtype = autocast_dtype or torch.float32
-        teacher = load_teacher(teacher_dir, torch_dtype=weight_dtype, device=device)
-        student = UNet2DModel.from_pretrained(os.path.join(teacher_dir, "unet")).to(device)
-        batch = torch.randn(batch_size, channels, resolution, resolution, device=device)
-        floor_time = measure_floor(teacher, student, batch, args.floor_repeats, device, autocast_dtype)
+        floor_after = measure_floor(teacher, student, batch, args.floor_repeats, device, autocast_dtype)
+        floor_time = (floor_before + floor_after) / 2
 
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
@@ -154,6 +157,7 @@ def main():
         "timed_steps": len(step_times[args.warmup_steps :]),
         "cd_step_seconds": step_time,
         "floor_seconds": floor_time,
+        "floor_seconds_before_after": [floor_before, floor_after],
         "ratio": step_time / floor_time,
         "target_ratio": 1.10,
         "images_per_second": batch_size / step_time,
