@@ -153,7 +153,12 @@ def parse_args(argv=None):
     group.add_argument("--num_validation_images", type=int, default=16)
     group.add_argument("--checkpointing_steps", type=int, default=0, help="Save a resumable state every N steps.")
     group.add_argument("--checkpoints_total_limit", type=int, default=None)
-    group.add_argument("--resume_from_checkpoint", type=str, default=None, help="`latest` or a checkpoint path.")
+    group.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help="`latest` or a checkpoint path; keep --max_train_steps unchanged, the curricula depend on it.",
+    )
     group.add_argument("--push_to_hub", action="store_true", help="Upload the pipeline (no checkpoints or logs).")
     group.add_argument("--hub_model_id", type=str, default=None, help="Repo id (default: output folder name).")
     group.add_argument("--hub_token", type=str, default=None)
@@ -169,6 +174,16 @@ def parse_args(argv=None):
         parser.error(f"--mode {args.mode} starts from a diffusion model: pass --teacher_model_name_or_path.")
     if args.mode == "cd" and args.num_scales < 2:
         parser.error("--num_scales must be at least 2.")
+    if args.mode == "cd" and not 0 <= args.target_ema_decay < 1:
+        parser.error("--target_ema_decay must lie in [0, 1).")
+    if args.mode in ("ct", "ict") and not 1 <= args.s0 <= args.s1:
+        parser.error("The curriculum needs 1 <= --s0 <= --s1.")
+    if args.mode == "ct" and not 0 < args.mu0 < 1:
+        parser.error("--mu0 must lie in (0, 1).")
+    if args.max_train_steps < 1 or args.ect_num_stages < 1 or args.gradient_accumulation_steps < 1:
+        parser.error("--max_train_steps, --ect_num_stages and --gradient_accumulation_steps must be at least 1.")
+    if not args.sigma_min < args.sigma_mid < args.sigma_max:
+        parser.error("--sigma_mid must lie between --sigma_min and --sigma_max.")
     return args
 
 
@@ -409,16 +424,10 @@ def main(args):
         unet.enable_gradient_checkpointing()
     unet.train()
 
-    curriculum = Curriculum(
-        args.mode,
-        args.max_train_steps,
-        num_scales=args.num_scales or 18,
-        target_ema=args.target_ema_decay or 0.0,
-        s0=args.s0 or 2,
-        s1=args.s1 or 150,
-        mu0=args.mu0 or 0.9,
-        num_stages=args.ect_num_stages,
-    )
+    schedule_flags = dict(num_scales=args.num_scales, target_ema=args.target_ema_decay, s0=args.s0, s1=args.s1,
+                          mu0=args.mu0, num_stages=args.ect_num_stages)  # fmt: skip
+    schedule_flags = {name: value for name, value in schedule_flags.items() if value is not None}  # mode's own flags
+    curriculum = Curriculum(args.mode, args.max_train_steps, **schedule_flags)
     # mu = 0 makes the target the stop-gradient of the online network itself: no copy needed
     target_unet = copy.deepcopy(unet).requires_grad_(False) if curriculum.uses_target_ema else None
     ema = None
@@ -430,18 +439,20 @@ def main(args):
     loss_fn = build_loss(
         args.mode,
         make_distance(args.loss_type, args.huber_c, accelerator.device),
-        teacher,
-        args.ode_solver,
-        sigma_min,
-        sigma_max,
-        args.sigma_data,
-        args.rho,
-        args.p_mean,
-        args.p_std,
-        args.ect_q,
-        args.ect_k,
-        args.ect_b,
+        teacher=teacher if args.mode == "cd" else None,
+        ode_solver=args.ode_solver,
+        sigma_min=sigma_min,
+        sigma_max=sigma_max,
+        sigma_data=args.sigma_data,
+        rho=args.rho,
+        p_mean=args.p_mean,
+        p_std=args.p_std,
+        q=args.ect_q,
+        k=args.ect_k,
+        b=args.ect_b,
     )
+    if args.mode != "cd":
+        teacher = None  # ect only starts from its weights: free the memory
 
     # 3. Optimizer and learning-rate schedule (stepped once per optimizer step, so lr(k) is the same for any number
     # of processes; accelerate's prepared schedulers step once per process)
