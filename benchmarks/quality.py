@@ -42,6 +42,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", default=DEFAULT_STEPS, help="Comma-separated consistency step counts.")
     parser.add_argument("--teacher_samplers", default=DEFAULT_TEACHER_SAMPLERS, help="heun, euler and/or ddim.")
     parser.add_argument("--teacher_nfe", default=DEFAULT_TEACHER_NFE, help="Comma-separated teacher NFE budgets.")
+    parser.add_argument("--teacher_clip_denoised", default="auto", choices=["auto", "yes", "no"],
+                        help="Clamp the teacher's x0 predictions to [-1, 1] (auto: as its scheduler config says).")
     parser.add_argument("--num_samples", type=int, default=1000, help="Generated images per configuration.")
     parser.add_argument("--batch_size", type=int, default=100, help="Images per generation batch.")
     parser.add_argument("--seed", type=int, default=0, help="Noise seed, the same for every configuration.")

@@ -47,7 +47,9 @@ def ode_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 
 
 
 @torch.no_grad()
-def sample_ode(denoiser: Callable, noise: torch.Tensor, sigmas, solver: str = "heun", **cond) -> SamplerOutput:
+def sample_ode(
+    denoiser: Callable, noise: torch.Tensor, sigmas, solver: str = "heun", clip_denoised: bool = False, **cond
+) -> SamplerOutput:
     """
     Solves the probability-flow ODE from x = sigmas[0] * noise down the grid `sigmas` (descending, usually ending
     at 0) with Heun or Euler steps.
@@ -57,6 +59,8 @@ def sample_ode(denoiser: Callable, noise: torch.Tensor, sigmas, solver: str = "h
         noise (`torch.Tensor`): Standard normal noise (B, C, H, W).
         sigmas (sequence of floats): The noise levels, descending; see [`ode_sigmas`].
         solver (`str`, defaults to `"heun"`): `"heun"` (2nd order) or `"euler"`.
+        clip_denoised (`bool`, defaults to `False`): Clamp D(x, sigma) to [-1, 1], as DDPM schedulers' `clip_sample`
+            does; Euler steps with it equal DDIM with `clip_sample=True, use_clipped_model_output=True`.
         cond: Passed to the denoiser (e.g. `class_labels`).
 
     Returns:
@@ -73,7 +77,8 @@ def sample_ode(denoiser: Callable, noise: torch.Tensor, sigmas, solver: str = "h
         nonlocal nfe
         nfe += 1
         sigma = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
-        return denoiser(x, sigma, **cond)
+        denoised = denoiser(x, sigma, **cond)
+        return denoised.clamp(-1, 1) if clip_denoised else denoised
 
     x = noise * sigmas[0]
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
@@ -92,17 +97,20 @@ def sample_ddim(
     num_inference_steps: int,
     class_labels: Optional[torch.Tensor] = None,
     timestep_spacing: str = "trailing",
+    clip_sample: Optional[bool] = None,
 ) -> SamplerOutput:
     """
     Deterministic DDIM (eta = 0) with diffusers' `DDIMScheduler` built from a DDPM teacher's scheduler config.
 
     `timestep_spacing="trailing"` (Lin et al. 2024) starts at the last training timestep, so that 1-4 steps start
     from pure noise; the config's own spacing ("leading" for DDPMScheduler) would start a 1-step sample at t = 0.
-    Pass `timestep_spacing=None` to keep the config's.
+    Pass `timestep_spacing=None` to keep the config's. `clip_sample` overrides the config's x0 clipping.
     """
     from diffusers import DDIMScheduler
 
     overrides = {"timestep_spacing": timestep_spacing} if timestep_spacing is not None else {}
+    if clip_sample is not None:
+        overrides["clip_sample"] = clip_sample
     scheduler = DDIMScheduler.from_config(dict(scheduler_config), **overrides)
     scheduler.set_timesteps(num_inference_steps, device=noise.device)
     cond = {"class_labels": class_labels} if class_labels is not None else {}
@@ -113,26 +121,42 @@ def sample_ddim(
     return SamplerOutput(sample=x, nfe=len(scheduler.timesteps))
 
 
+def teacher_clips_denoised(teacher) -> bool:
+    """Whether a teacher's own scheduler clamps its x0 predictions to [-1, 1] (DDPMScheduler's `clip_sample`)."""
+    return getattr(teacher, "kind", None) == "ddpm" and bool(teacher.scheduler_config.get("clip_sample", True))
+
+
 def sample_teacher(
-    teacher, noise: torch.Tensor, sampler: str = "heun", nfe: int = 35, class_labels=None, rho: float = RHO
+    teacher,
+    noise: torch.Tensor,
+    sampler: str = "heun",
+    nfe: int = 35,
+    class_labels=None,
+    clip_denoised: Optional[bool] = None,
+    rho: float = RHO,
 ) -> SamplerOutput:
     """
     Samples a teacher from [`load_teacher`] with at most `nfe` network evaluations.
 
     Heun and Euler integrate the PF-ODE over a Karras grid between the teacher's `sigma_min` and `sigma_max`
     (Heun with n steps costs 2n - 1 evaluations); DDIM needs a DDPM teacher (`teacher.kind == "ddpm"`).
+    `clip_denoised` (default: what the teacher's scheduler does, see [`teacher_clips_denoised`]) clamps the x0
+    predictions to [-1, 1] for every sampler, so that all of them get the same help: a DDPM's x0 = x - sigma eps
+    at sigma ~ 150 amplifies epsilon errors 150-fold, and without the clamp an undertrained teacher's ODE diverges.
     """
     num_steps = steps_for_nfe(sampler, nfe)
+    clip_denoised = teacher_clips_denoised(teacher) if clip_denoised is None else clip_denoised
     if sampler == "ddim":
         if getattr(teacher, "kind", None) != "ddpm":
             raise ValueError(
                 f"DDIM samples DDPM teachers; this teacher is {getattr(teacher, 'kind', 'unknown')!r}. "
                 "Use heun or euler."
             )
-        return sample_ddim(teacher.unet, teacher.scheduler_config, noise, num_steps, class_labels)
+        return sample_ddim(teacher.unet, teacher.scheduler_config, noise, num_steps, class_labels,
+                           clip_sample=clip_denoised)
     sigmas = ode_sigmas(num_steps, teacher.sigma_min, teacher.sigma_max, rho)
     cond = {"class_labels": class_labels} if class_labels is not None else {}
-    return sample_ode(teacher, noise, sigmas, solver=sampler, **cond)
+    return sample_ode(teacher, noise, sigmas, solver=sampler, clip_denoised=clip_denoised, **cond)
 
 
 def _check_sampler(sampler: str):

@@ -279,6 +279,8 @@ def test_evaluate_and_benchmark_reject_bad_flags(tiny_models, tmp_path, capsys):
     assert "--steps must list positive integers" in capsys.readouterr().err
     assert main(["evaluate", "--model", model, "--teacher_samplers", "heun,lms", "--output_dir", str(tmp_path)]) == 1
     assert "Unknown --teacher_samplers ['lms']" in capsys.readouterr().err
+    assert main(["evaluate", "--model", "none", "--output_dir", str(tmp_path)]) == 1
+    assert "--model none evaluates only the teacher: pass --teacher" in capsys.readouterr().err
     assert main(["benchmark", "--model", model, "--teacher", teacher]) == 1
     assert "exactly one of --eval_json" in capsys.readouterr().err
 

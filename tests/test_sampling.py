@@ -123,3 +123,30 @@ def test_ddim_matches_diffusers_ddim_pipeline():
     assert out.nfe == 3
     images = (out.sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     np.testing.assert_allclose(images, expected, atol=1e-5)
+
+
+def test_euler_with_clipped_denoiser_is_ddim_with_clipped_model_output():
+    """The DDPM adapter + Euler over DDIM's own levels reproduce diffusers' DDIM step by step, x0 clamp included."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+    from helpers import make_tiny_unet
+
+    from cm_diffusers.teachers import DDPMDenoiser
+
+    unet = make_tiny_unet(sample_size=16)
+    config = DDPMScheduler(num_train_timesteps=100).config  # clip_sample=True, as DDPMScheduler's default
+    scheduler = DDIMScheduler.from_config(config, timestep_spacing="trailing")
+    scheduler.set_timesteps(4)  # [99, 74, 49, 24], each step to t - 25, the last to alphabar = 1 (sigma 0)
+    noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    x = noise.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t).sample, t, x, use_clipped_model_output=True).prev_sample
+
+    alphas_cumprod = scheduler.alphas_cumprod.double()
+    sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()[scheduler.timesteps].tolist() + [0.0]
+    vp_to_ve = (1 + sigmas[0] ** 2) ** 0.5 / sigmas[0]  # DDIM starts at x_T = z, i.e. x = z sqrt(1 + sigma_T^2)
+    teacher = DDPMDenoiser(unet, config)
+    out = sample_ode(teacher, noise * vp_to_ve, sigmas, solver="euler", clip_denoised=True)
+    torch.testing.assert_close(out.sample, x, atol=1e-4, rtol=1e-4)
+    unclipped = sample_ode(teacher, noise * vp_to_ve, sigmas, solver="euler").sample
+    assert (unclipped - x).abs().max() > 0.1  # the untrained network's x0 leaves [-1, 1]: the clamp matters

@@ -17,7 +17,8 @@ def register(subparsers):
         "evaluate", help="FID/KID and time per image of a consistency model and of its teacher at a range of NFE."
     )
     parser.add_argument("--model", default=None,
-                        help="Consistency pipeline folder, Hub repo id or shipped name (default: fashion-mnist-cd).")
+                        help="Consistency pipeline folder, Hub repo id or shipped name (default: fashion-mnist-cd); "
+                        "`none` evaluates only the teacher.")
     parser.add_argument("--teacher", default=None,
                         help="Teacher diffusion model: folder, Hub repo id or shipped name (fashion-mnist-ddpm); "
                         "DDPM or EDM, see cm_diffusers.load_teacher. Optional.")
@@ -27,6 +28,9 @@ def register(subparsers):
                         "teachers only).")
     parser.add_argument("--teacher_nfe", default=DEFAULT_TEACHER_NFE,
                         help="Comma-separated NFE budgets for the teacher (Heun uses the largest 2n-1 that fits).")
+    parser.add_argument("--teacher_clip_denoised", default="auto", choices=["auto", "yes", "no"],
+                        help="Clamp the teacher's x0 predictions to [-1, 1] in every sampler (auto: when its "
+                        "scheduler config does, e.g. DDPMScheduler's clip_sample=True).")
     parser.add_argument("--num_samples", type=int, default=1000, help="Generated images per configuration.")
     parser.add_argument("--batch_size", type=int, default=64, help="Images per generation batch.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the noise (the same for every configuration).")
@@ -61,12 +65,14 @@ def parse_int_list(text: str, flag: str) -> list:
 
 
 def load_models(model, teacher, device):
-    """The consistency pipeline (on `device`, progress bar off) and the teacher (or None)."""
+    """The consistency pipeline (on `device`, progress bar off; None for `--model none`) and the teacher (or None)."""
     from ..pipeline_consistency import ConsistencyPipeline
     from ..pretrained import DEFAULT_MODEL, resolve_pretrained
 
-    pipe = ConsistencyPipeline.from_pretrained(os.path.expanduser(model or DEFAULT_MODEL)).to(device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = None
+    if (model or "").lower() != "none":
+        pipe = ConsistencyPipeline.from_pretrained(os.path.expanduser(model or DEFAULT_MODEL)).to(device)
+        pipe.set_progress_bar_config(disable=True)
     if teacher is None:
         return pipe, None
     from ..teachers import load_teacher
@@ -83,7 +89,7 @@ def consistency_generator(pipe, num_steps: int):
     return generate
 
 
-def teacher_generator(teacher, sampler: str, nfe: int, device):
+def teacher_generator(teacher, sampler: str, nfe: int, device, clip_denoised=None):
     """generate(n, generator) -> n images in [0, 1] from the teacher with `sampler` at `nfe` evaluations."""
     from ..sampling import sample_teacher
 
@@ -96,7 +102,7 @@ def teacher_generator(teacher, sampler: str, nfe: int, device):
         labels = None
         if getattr(config, "num_class_embeds", None):
             labels = torch.randint(0, config.num_class_embeds, (batch_size,), generator=generator).to(device)
-        sample = sample_teacher(teacher, noise, sampler, nfe, class_labels=labels).sample
+        sample = sample_teacher(teacher, noise, sampler, nfe, class_labels=labels, clip_denoised=clip_denoised).sample
         return (sample.float() / 2 + 0.5).clamp(0, 1)
 
     return generate
@@ -118,13 +124,17 @@ def teacher_configurations(samplers: list, nfes: list, kind: str) -> list:
     return configurations
 
 
+def kid_subsets(args) -> int:
+    """--kid_subsets, or 100 on GPU (StyleGAN's protocol) and 10 on CPU, where each 1000-image subset costs ~1 s."""
+    return args.kid_subsets or (100 if torch.device(args.device).type == "cuda" else 10)
+
+
 def evaluate_configuration(generate, label, reference, extractor, args, output_dir, **fields) -> dict:
     """Runs one configuration, saves its sample grid, returns its JSON record."""
     from ..evaluation import evaluate_generator, save_image_grid
 
-    kid_subsets = args.kid_subsets or (100 if torch.device(args.device).type == "cuda" else 10)
     result = evaluate_generator(generate, reference, extractor, args.num_samples, args.batch_size, args.seed,
-                                args.device, progress=not args.no_progress, desc=label, kid_subsets=kid_subsets)
+                                args.device, progress=not args.no_progress, desc=label, kid_subsets=kid_subsets(args))
     os.makedirs(os.path.join(output_dir, "samples"), exist_ok=True)
     save_image_grid(result.preview, os.path.join(output_dir, "samples", f"{label}.png"))
     record = dict(fields, fid=result.fid, kid=result.kid, kid_std=result.kid_std, ms_per_image=result.ms_per_image,
@@ -146,12 +156,14 @@ def evaluate_consistency_model(pipe, steps, reference, extractor, args, output_d
 
 def evaluate_teacher(teacher, samplers, nfes, reference, extractor, args, output_dir, name="teacher"):
     """Records of the teacher for each sampler at each NFE budget."""
-    from ..sampling import steps_for_nfe
+    from ..sampling import steps_for_nfe, teacher_clips_denoised
 
+    choice = getattr(args, "teacher_clip_denoised", "auto")
+    clip = teacher_clips_denoised(teacher) if choice == "auto" else choice == "yes"
     return [
-        evaluate_configuration(teacher_generator(teacher, sampler, nfe, args.device), f"teacher-{sampler}-nfe{nfe}",
-                               reference, extractor, args, output_dir, model=name, sampler=sampler,
-                               steps=steps_for_nfe(sampler, nfe), nfe=nfe)
+        evaluate_configuration(teacher_generator(teacher, sampler, nfe, args.device, clip),
+                               f"teacher-{sampler}-nfe{nfe}", reference, extractor, args, output_dir, model=name,
+                               sampler=sampler, steps=steps_for_nfe(sampler, nfe), nfe=nfe, clip_denoised=clip)
         for sampler, nfe in teacher_configurations(samplers, nfes, teacher.kind)
     ]
 
@@ -241,7 +253,7 @@ def run_metadata(args, extractor, reference) -> dict:
         else platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "reference": {"source": reference.source, "count": reference.count}, "feature_extractor": extractor.identity,
-        "kid_subsets": args.kid_subsets or (100 if torch.device(args.device).type == "cuda" else 10),
+        "kid_subsets": kid_subsets(args),
         "ms_per_image": "generation only (no feature extraction), batches after the first (warm-up) when several",
     }
 
@@ -260,17 +272,22 @@ def run(args) -> int:
         raise ValueError("--num_samples must be at least 2 (FID needs a covariance) and --batch_size positive.")
     os.makedirs(args.output_dir, exist_ok=True)
 
+    if (args.model or "").lower() == "none" and args.teacher is None:
+        raise ValueError("--model none evaluates only the teacher: pass --teacher.")
     pipe, teacher = load_models(args.model, args.teacher, args.device)
-    size = pipe.unet.config.sample_size
+    size = (pipe or teacher).unet.config.sample_size
     extractor, reference = setup_reference(args, size if isinstance(size, int) else None)
 
-    results = evaluate_consistency_model(pipe, steps, reference, extractor, args, args.output_dir)
+    results = []
+    if pipe is not None:
+        results += evaluate_consistency_model(pipe, steps, reference, extractor, args, args.output_dir)
     if teacher is not None:
         results += evaluate_teacher(teacher, samplers, nfes, reference, extractor, args, args.output_dir)
 
     report = {"model": args.model or DEFAULT_MODEL, "teacher": args.teacher,
               **run_metadata(args, extractor, reference), "results": results}
-    title = f"{report['model']}: {args.num_samples} samples vs {reference.count} reference images"
+    evaluated = report["model"] if pipe is not None else report["teacher"]
+    title = f"{evaluated}: {args.num_samples} samples vs {reference.count} reference images"
     paths = write_report(report, args.output_dir, title)
     print_table(results)
     print(f"Wrote {', '.join(paths)} and sample grids in {os.path.join(args.output_dir, 'samples')}")
