@@ -97,7 +97,7 @@ def to_uint8_images(images) -> torch.Tensor:
     Accepts tensors or arrays: uint8 in [0, 255], or floats in [0, 1] (what `output_type="pt"` returns), shaped
     (N, C, H, W) or (N, H, W) for grayscale. Floats are rounded exactly as a PNG save would round them.
     """
-    images = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+    images = images if isinstance(images, torch.Tensor) else torch.tensor(np.asarray(images))
     if images.ndim == 3:
         images = images.unsqueeze(1)
     if images.ndim != 4 or images.shape[1] not in (1, 3):

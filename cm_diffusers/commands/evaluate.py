@@ -246,11 +246,19 @@ def setup_reference(args, resolution):
     return extractor, reference
 
 
+def cpu_name() -> str:
+    """The CPU model (from /proc/cpuinfo on Linux), for reports."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def run_metadata(args, extractor, reference) -> dict:
     return {
         "num_samples": args.num_samples, "batch_size": args.batch_size, "seed": args.seed, "device": str(args.device),
-        "device_name": torch.cuda.get_device_name(args.device) if str(args.device).startswith("cuda")
-        else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name(args.device) if str(args.device).startswith("cuda") else cpu_name(),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "reference": {"source": reference.source, "count": reference.count}, "feature_extractor": extractor.identity,
         "kid_subsets": kid_subsets(args),
@@ -284,7 +292,7 @@ def run(args) -> int:
     if teacher is not None:
         results += evaluate_teacher(teacher, samplers, nfes, reference, extractor, args, args.output_dir)
 
-    report = {"model": args.model or DEFAULT_MODEL, "teacher": args.teacher,
+    report = {"model": (args.model or DEFAULT_MODEL) if pipe is not None else None, "teacher": args.teacher,
               **run_metadata(args, extractor, reference), "results": results}
     evaluated = report["model"] if pipe is not None else report["teacher"]
     title = f"{evaluated}: {args.num_samples} samples vs {reference.count} reference images"
