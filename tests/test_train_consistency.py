@@ -157,7 +157,12 @@ def test_cd_distills_ddpm_teacher(data_dir, ddpm_teacher, tmp_path):
 
     out, steps = tmp_path / "cd", 12
     assert train(*common_flags(data_dir, out, steps), "--mode", "cd", "--teacher_model_name_or_path", ddpm_teacher,
-                 "--num_scales", 10, *LOSS_FLAGS) == steps  # fmt: skip
+                 "--num_scales", 10, "--validation_steps", 6, "--report_to", "tensorboard",
+                 *LOSS_FLAGS) == steps  # fmt: skip
+    # validation grids every 6 steps, as PNG files and in TensorBoard (offline)
+    grids = sorted(path.name for path in (out / "samples").glob("*.png"))
+    assert grids == [f"step_00000{k:02d}_{n}step.png" for k in (6, 12) for n in (1, 2)]
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
     teacher = load_teacher(str(ddpm_teacher))
     pipe = assert_pipeline_samples(out, {"timesteps": [5, 0]})
     config = pipe.scheduler.config
@@ -263,3 +268,18 @@ def test_two_processes_train_one_model(data_dir, unet_config, tmp_path):
     assert not [entry for entry in rank1 if entry.get("event")]
     pipe = assert_pipeline_samples(out, {"num_inference_steps": 1})
     assert train_consistency.weights_digest(pipe.unet) == steps0[-1]["weights_sha256"]
+
+
+def test_push_to_hub_uploads_the_pipeline_without_checkpoints_or_logs(data_dir, unet_config, tmp_path, monkeypatch):
+    from helpers_hub import FakeHub
+
+    out = tmp_path / "push"
+    with FakeHub() as hub:
+        hub.configure(monkeypatch)
+        train(*common_flags(data_dir, out, 2), "--mode", "ict", "--unet_config", unet_config,
+              "--checkpointing_steps", 1, "--push_to_hub", "--hub_model_id", "someone/tiny-ict")  # fmt: skip
+        files = hub.files("someone/tiny-ict")
+    assert (out / "checkpoint-2").is_dir() and (out / "logs").is_dir()  # kept locally ...
+    assert not [name for name in files if name.startswith(("checkpoint", "logs"))]  # ... but not uploaded
+    assert {"model_index.json", "README.md", "unet/" + WEIGHTS, "scheduler/scheduler_config.json"} <= set(files)
+    assert files["unet/" + WEIGHTS] == (out / "unet" / WEIGHTS).read_bytes()
