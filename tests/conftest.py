@@ -1,8 +1,12 @@
 import os
 import sys
 
-import pytest
-import torch
+# Before torch starts its thread pools: idle OpenMP threads must not spin on a shared 2-core machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Tests use tiny models, which gain nothing from intra-op threads, and several processes may share 2 CPU cores:
 # oversubscribed OpenMP threads slow such runs down by orders of magnitude (measured here: 212 s against 2.2 s).
