@@ -240,16 +240,19 @@ class TeacherODEStep:
 
     The teacher D(x, sigma, class_labels=None) takes sigma of shape (B,); it may hold half-precision weights (the
     adapters of `cm_diffusers.teachers` compute their scalings in float32), and its output is used in float32.
+    With `clip_denoised`, D is clamped to [-1, 1] as DDPM/DDIM samplers do (`clip_sample`): an eps-prediction
+    teacher's x0 = x - sigma eps amplifies its errors by sigma and can leave the data range far at large sigma.
     """
 
-    def __init__(self, teacher: Callable, solver: str = "heun"):
+    def __init__(self, teacher: Callable, solver: str = "heun", clip_denoised: bool = False):
         if solver not in ("heun", "euler"):
             raise ValueError(f"Unknown ODE solver {solver!r}; choose heun or euler.")
-        self.teacher, self.solver = teacher, solver
+        self.teacher, self.solver, self.clip_denoised = teacher, solver, clip_denoised
 
     def __call__(self, x_n, sigma, sigma_next, sample, noise, class_labels=None):
         def denoise(x, sigma_b):
-            return self.teacher(x, sigma_b.reshape(-1), class_labels=class_labels).float()
+            denoised = self.teacher(x, sigma_b.reshape(-1), class_labels=class_labels).float()
+            return denoised.clamp(-1, 1) if self.clip_denoised else denoised
 
         sigma, sigma_next = append_dims(sigma, x_n.ndim), append_dims(sigma_next, x_n.ndim)
         if self.solver == "euler":
@@ -336,6 +339,7 @@ def build_loss(
     distance: Callable,
     teacher: Optional[Callable] = None,
     ode_solver: str = "heun",
+    teacher_clip_denoised: bool = False,
     sigma_min=SIGMA_MIN,
     sigma_max=SIGMA_MAX,
     sigma_data=SIGMA_DATA,
@@ -350,7 +354,7 @@ def build_loss(
     if mode == "cd":
         if teacher is None:
             raise ValueError("--mode cd distills a teacher: pass --teacher_model_name_or_path.")
-        next_point = TeacherODEStep(teacher, ode_solver)
+        next_point = TeacherODEStep(teacher, ode_solver, clip_denoised=teacher_clip_denoised)
     elif mode in ("ct", "ict", "ect"):
         next_point = DataPointStep()
     else:

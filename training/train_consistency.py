@@ -111,6 +111,14 @@ def parse_args(argv=None):
     group.add_argument("--num_scales", type=int, default=None, help="cd: grid size N (18 CIFAR, 40 ImageNet-64).")
     group.add_argument("--ode_solver", type=str, default="heun", choices=["heun", "euler"], help="cd teacher step.")
     group.add_argument(
+        "--teacher_clip_denoised",
+        type=str,
+        default="auto",
+        choices=["auto", "yes", "no"],
+        help="cd: clamp the teacher's D(x, sigma) to [-1, 1] in its ODE step (auto: as the teacher's own scheduler "
+        "does, i.e. DDPM's clip_sample).",
+    )
+    group.add_argument(
         "--loss_type", type=str, default=None, choices=["l2", "l1", "pseudo_huber", "lpips"], help="Distance d."
     )
     group.add_argument("--huber_c", type=float, default=None, help="Pseudo-Huber c (default 0.00054 sqrt(d)).")
@@ -390,6 +398,15 @@ def mode_settings(args, sigma_min, sigma_max, final_levels) -> dict:
 # Training
 
 
+def teacher_clip_denoised(choice: str, teacher) -> bool:
+    """--teacher_clip_denoised: yes/no, or auto = whatever the teacher's own sampler does (DDPM `clip_sample`)."""
+    if choice == "auto":
+        from cm_diffusers.sampling import teacher_clips_denoised
+
+        return teacher is not None and teacher_clips_denoised(teacher)
+    return choice == "yes"
+
+
 def main(args):
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     accelerator = make_accelerator(args.mixed_precision, args.gradient_accumulation_steps, args.report_to, logging_dir)
@@ -441,6 +458,7 @@ def main(args):
         make_distance(args.loss_type, args.huber_c, accelerator.device),
         teacher=teacher if args.mode == "cd" else None,
         ode_solver=args.ode_solver,
+        teacher_clip_denoised=teacher_clip_denoised(args.teacher_clip_denoised, teacher),
         sigma_min=sigma_min,
         sigma_max=sigma_max,
         sigma_data=args.sigma_data,
