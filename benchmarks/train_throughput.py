@@ -58,6 +58,7 @@ def parse_args():
     parser.add_argument("--floor_repeats", type=int, default=20, help="Repetitions of the floor measurement.")
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     parser.add_argument("--num_workers", type=int, default=None, help="Data loader workers (default 2 on GPU).")
+    parser.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (1: steadier when shared).")
     parser.add_argument("--output_dir", default=os.path.join(REPO, "benchmarks", "results"))
     return parser.parse_args()
 
@@ -102,6 +103,8 @@ def measure_floor(teacher, student, batch, repeats, device, autocast_dtype):
 
 def main():
     args = parse_args()
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset_name = args.preset or ("cifar10" if device.type == "cuda" else "fmnist")
     preset = PRESETS[preset_name]
@@ -136,7 +139,8 @@ def main():
                  "--num_validation_images", 4, "--ode_solver", "heun"]  # fmt: skip
         train_consistency.main(train_consistency.parse_args([str(flag) for flag in flags]))
         with open(os.path.join(run_dir, "logs", "train_log.jsonl")) as f:
-            step_times = [entry["step_time"] for entry in map(json.loads, f) if "step_time" in entry]
+            log = [entry for entry in map(json.loads, f) if "step_time" in entry]
+        step_times, data_times = [entry["step_time"] for entry in log], [entry["data_time"] for entry in log]
         timed = step_times[args.warmup_steps :]
         peak_train = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
@@ -162,6 +166,7 @@ def main():
         "ratio": statistics.median(timed) / statistics.median(floors),
         "floor_seconds_median_before_after": [statistics.median(floor_before), statistics.median(floor_after)],
         "target_ratio": 1.10,
+        "data_loading_seconds": statistics.median(data_times[args.warmup_steps :]),
         "images_per_second": batch_size / statistics.median(timed),
         "peak_cuda_memory_mib": peak_train / 2**20 if peak_train is not None else None,
         "peak_rss_mib": peak_rss_mib,
