@@ -417,7 +417,8 @@ def main(args):
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     # 1. Data
-    dataset = build_dataset(args)
+    with accelerator.main_process_first():  # downloads and dataset caches are written once
+        dataset = build_dataset(args)
     pixel_shape = dataset[0]["pixel_values"].shape
     channels, resolution = pixel_shape[0], pixel_shape[-1]
 
@@ -427,7 +428,8 @@ def main(args):
     if args.teacher_model_name_or_path is not None:
         from cm_diffusers.teachers import load_teacher
 
-        teacher = load_teacher(args.teacher_model_name_or_path, torch_dtype=weight_dtype, device=accelerator.device)
+        with accelerator.main_process_first():
+            teacher = load_teacher(args.teacher_model_name_or_path, weight_dtype, accelerator.device)
         teacher.unet.requires_grad_(False).eval()
         # the teacher knows nothing outside its own noise range
         sigma_min, sigma_max = max(sigma_min, float(teacher.sigma_min)), min(sigma_max, float(teacher.sigma_max))
