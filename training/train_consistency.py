@@ -378,7 +378,8 @@ def mode_settings(args, sigma_min, sigma_max, final_levels) -> dict:
         "ema_decay": args.ema_decay,
     }
     if args.mode == "cd":
-        settings.update(num_scales=args.num_scales, ode_solver=args.ode_solver, target_ema_decay=args.target_ema_decay)
+        settings.update(num_scales=args.num_scales, ode_solver=args.ode_solver, target_ema_decay=args.target_ema_decay,
+                        teacher_clip_denoised=args.teacher_clip_denoised)  # fmt: skip
     elif args.mode in ("ct", "ict"):
         settings.update(s0=args.s0, s1=args.s1, final_num_scales=final_levels.num_scales)
         settings.update(mu0=args.mu0) if args.mode == "ct" else settings.update(p_mean=args.p_mean, p_std=args.p_std)
