@@ -107,7 +107,7 @@ class ConsistencyPipeline(ConsistencyEditingMixin, DiffusionPipeline):
         return self.scheduler.sigmas[:-1].clone()
 
     def consistency_function(self, sample: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
-        """f(x, sigma) with the scheduler's scalings (clamped to [-1, 1] when `clip_denoised`); sigma: float or (B,)."""
+        """f(x, sigma) with the scheduler's scalings, clamped to [-1, 1] when `clip_denoised`; sigma: float or (B,)."""
         config = self.scheduler.config
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=sample.device)
         sigma = sigma.expand(sample.shape[0]) if sigma.ndim == 0 else sigma

@@ -203,3 +203,34 @@ def raise_if_not_finite(loss: torch.Tensor, global_step: int, output_dir: str):
         f"The loss is {loss.detach().float().mean().item()} at step {global_step}. {advice}, and lower the learning "
         "rate, enable gradient clipping or use --mixed_precision no/bf16 instead of fp16."
     )
+
+
+def default_unet_config(resolution: int, channels: int, num_class_embeds=None) -> dict:
+    """The UNet2DModel both training scripts use without --unet_config: 3 levels (32, 64, 64) with attention at half
+    resolution up to 32 px (~1.6M parameters at 28x28, the shipped Fashion-MNIST size), 4 levels up to 64 px and
+    beyond."""
+    if resolution <= 32:
+        block_out_channels = (32, 64, 64)
+        down = ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D")  # attention at half resolution (14x14 for 28)
+    else:
+        block_out_channels = (64, 128, 128, 256)
+        down = ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D")
+    halvings = len(block_out_channels) - 1
+    if resolution % 2**halvings:
+        raise ValueError(
+            f"The default UNet halves the resolution {halvings} times: --resolution {resolution} must be divisible "
+            f"by {2**halvings}; pass --unet_config for another architecture."
+        )
+    up = tuple(name.replace("Down", "Up") for name in reversed(down))
+    return dict(
+        sample_size=resolution,
+        in_channels=channels,
+        out_channels=channels,
+        layers_per_block=2,
+        block_out_channels=block_out_channels,
+        down_block_types=down,
+        up_block_types=up,
+        attention_head_dim=8,
+        norm_num_groups=32,
+        num_class_embeds=num_class_embeds,
+    )

@@ -50,6 +50,7 @@ from cm_diffusers import ConsistencyPipeline, ConsistencyScheduler  # noqa: E402
 from cm_diffusers.losses import Curriculum, build_loss, make_distance, unet_forward  # noqa: E402
 from cm_diffusers.parameterization import karras_sigmas  # noqa: E402
 from cm_diffusers.training_utils import (  # noqa: E402
+    default_unet_config,
     find_checkpoint,
     load_checkpoint,
     make_accelerator,
@@ -197,30 +198,6 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model
-
-
-def default_unet_config(resolution: int, channels: int, num_class_embeds=None) -> dict:
-    """A UNet2DModel for data without a teacher: 1.1M parameters with one attention level at <= 32 px, wider above."""
-    if resolution <= 32:
-        widths, down = (32, 64, 64), ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D")
-    else:
-        widths, down = (64, 128, 128, 256), ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D")
-    if resolution % 2 ** (len(widths) - 1):
-        raise ValueError(
-            f"--resolution {resolution} must be divisible by {2 ** (len(widths) - 1)} for the default "
-            "UNet; pass --unet_config for another architecture."
-        )
-    up = tuple(name.replace("Down", "Up") for name in reversed(down))
-    return dict(
-        sample_size=resolution,
-        in_channels=channels,
-        out_channels=channels,
-        layers_per_block=1,
-        block_out_channels=widths,
-        down_block_types=down,
-        up_block_types=up,
-        num_class_embeds=num_class_embeds,
-    )
 
 
 def build_student(args, teacher, resolution: int, channels: int, n_classes) -> UNet2DModel:

@@ -43,6 +43,7 @@ from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
 from cm_diffusers.parameterization import append_dims  # noqa: E402
 from cm_diffusers.training_utils import (  # noqa: E402
+    default_unet_config,
     find_checkpoint,
     load_checkpoint,
     make_accelerator,
@@ -144,34 +145,6 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model and noise schedule
-
-
-def default_unet_config(resolution: int, channels: int, num_class_embeds=None) -> dict:
-    """A small UNet2DModel for the data: 3 levels up to 32 px ((32, 64, 64), ~1.6M parameters), 4 up to 64 px."""
-    if resolution <= 32:
-        block_out_channels = (32, 64, 64)
-        down = ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D")  # attention at half resolution (14x14 for 28)
-    else:
-        block_out_channels = (64, 128, 128, 256)
-        down = ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D")
-    if resolution % 2 ** (len(block_out_channels) - 1):
-        raise ValueError(
-            f"The default UNet halves the resolution {len(block_out_channels) - 1} times, so {resolution} px does not "
-            "fit; pass --resolution divisible by that power of two or a --unet_config."
-        )
-    up = tuple(name.replace("Down", "Up") for name in reversed(down))
-    return dict(
-        sample_size=resolution,
-        in_channels=channels,
-        out_channels=channels,
-        layers_per_block=2,
-        block_out_channels=block_out_channels,
-        down_block_types=down,
-        up_block_types=up,
-        attention_head_dim=8,
-        norm_num_groups=32,
-        num_class_embeds=num_class_embeds,
-    )
 
 
 def build_unet(args, resolution: int, channels: int, num_class_embeds) -> UNet2DModel:
