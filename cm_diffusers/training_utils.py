@@ -172,11 +172,32 @@ def find_checkpoint(output_dir: str, resume_from_checkpoint: Optional[str]) -> O
     return path
 
 
+def check_checkpoint_is_data_only(path: str):
+    """Refuses a checkpoint whose pickled files hold anything but tensors and plain values.
+
+    Accelerate unpickles registered objects (EMA, target network, lr schedule) with `weights_only=False`, which would
+    run code hidden in a tampered file; each is first opened here with `weights_only=True`, which cannot.
+    """
+    from accelerate.utils.other import load as accelerate_load  # weights_only=True, plus numpy RNG-state types
+
+    for name in sorted(os.listdir(path)):
+        if not name.endswith((".pkl", ".bin", ".pt")):
+            continue
+        try:
+            accelerate_load(os.path.join(path, name), map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(
+                f"{os.path.join(path, name)} holds more than tensors and plain values, so it is not opened "
+                f"(it could run code when unpickled). Resume from a checkpoint this package wrote. ({error})"
+            ) from None
+
+
 def load_checkpoint(accelerator, path: str) -> int:
     """Restores everything `save_checkpoint` saved (models, optimizer, lr schedule, RNG, registered objects).
 
     Returns the global step the checkpoint was taken at.
     """
+    check_checkpoint_is_data_only(path)
     accelerator.load_state(path)
     with open(os.path.join(path, STATE_FILE)) as f:
         global_step = int(json.load(f)["global_step"])

@@ -171,3 +171,25 @@ def test_two_process_cpu_launch_forms_a_gloo_group(tmp_path):
         "random_states_1.pkl",
         "training_state.json",
     ]
+
+
+class _Payload:
+    """Unpickling this runs code: what a tampered checkpoint could carry."""
+
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/cm_diffusers_pwned",))
+
+
+def test_tampered_checkpoint_is_refused_without_running_its_payload(tmp_path):
+    import pickle
+
+    accelerator, model, optimizer, counter = setup_run(tmp_path)
+    path = save_checkpoint(accelerator, str(tmp_path), global_step=1)
+    marker = "/tmp/cm_diffusers_pwned"
+    if os.path.exists(marker):
+        os.remove(marker)
+    with open(os.path.join(path, "custom_checkpoint_0.pkl"), "wb") as f:
+        pickle.dump({"value": _Payload()}, f)
+    with pytest.raises(ValueError, match="holds more than tensors"):
+        load_checkpoint(accelerator, path)
+    assert not os.path.exists(marker)
