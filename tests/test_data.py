@@ -95,3 +95,16 @@ def test_fashion_mnist_from_idx_files():
     assert batch["class_labels"].dtype == torch.int64
     assert batch["pixel_values"].min() == -1.0  # Fashion-MNIST has black backgrounds
     assert num_classes(dataset) == 10
+
+
+def test_saved_dataset_with_integer_labels(tmp_path):
+    # A plain int label column (not a ClassLabel) from a `save_to_disk` folder: the class count is read from the
+    # raw column, not through the image transform.
+    import datasets
+
+    images = [Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)) for i in range(4)]
+    datasets.Dataset.from_dict({"image": images, "label": [0, 3, 1, 2]}).save_to_disk(str(tmp_path / "ds"))
+    dataset = build_dataset(parse("--dataset_name", str(tmp_path / "ds"), "--resolution", "8"))
+    assert num_classes(dataset) == 4
+    item = dataset[1]
+    assert item["pixel_values"].shape == (1, 8, 8) and int(item["class_labels"]) == 3

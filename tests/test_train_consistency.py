@@ -293,3 +293,10 @@ def test_default_student_is_sized_for_the_data():
     assert train_consistency.default_unet_config(64, 3, num_class_embeds=10)["num_class_embeds"] == 10
     with pytest.raises(ValueError, match="divisible by 4"):
         train_consistency.default_unet_config(30, 1)
+
+
+def test_class_conditional_flag_is_never_silently_dropped(data_dir, unet_config, tmp_path):
+    # The image folder has no labels, and --unet_config fixes an unconditional architecture: both must be errors.
+    with pytest.raises(ValueError, match="needs a dataset with class labels"):
+        train(*common_flags(data_dir, tmp_path / "a", 1), "--mode", "ct", "--unet_config", unet_config,
+              "--class_conditional")  # fmt: skip

@@ -160,6 +160,9 @@ def load_source(args) -> datasets.Dataset:
         path, kwargs = "imagefolder", {"data_dir": args.train_data_dir}
     else:
         path, kwargs = args.dataset_name, {"name": args.dataset_config_name}
+    if os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        saved = datasets.load_from_disk(path)  # a folder written by `save_to_disk`
+        return saved[args.dataset_split] if isinstance(saved, datasets.DatasetDict) else saved
     try:
         return datasets.load_dataset(path, split=args.dataset_split, cache_dir=args.cache_dir, **kwargs)
     except Exception as err:  # datasets raises many types (offline, missing split, bad builder): one clear message
@@ -252,7 +255,8 @@ def num_classes(dataset: datasets.Dataset) -> Optional[int]:
     feature = dataset.features[label_column]
     if isinstance(feature, datasets.ClassLabel):
         return feature.num_classes
-    return int(max(dataset[label_column])) + 1
+    # Read the raw column: the dataset's transform expects whole rows and would fail on a label-only batch.
+    return int(max(dataset.with_format(None)[label_column])) + 1
 
 
 def with_mirrored_copies(dataset: datasets.Dataset) -> datasets.Dataset:

@@ -417,6 +417,13 @@ def main(args):
     torch.manual_seed(args.seed + accelerator.process_index)
     if unet.config.num_class_embeds is not None and num_classes(dataset) is None:
         raise ValueError("The UNet is class-conditional but the training data has no labels (--label_column).")
+    if args.class_conditional and num_classes(dataset) is None:
+        raise ValueError("--class_conditional needs a dataset with class labels (see --label_column).")
+    if args.class_conditional and unet.config.num_class_embeds is None:
+        raise ValueError(
+            "--class_conditional was given, but the student's architecture (from the teacher or --unet_config) is "
+            "unconditional: drop the flag, or pass a --unet_config with num_class_embeds."
+        )
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
