@@ -329,3 +329,22 @@ def test_evaluate_then_benchmark_end_to_end(tiny_models, tmp_path):
             assert comparison["fid_matched"] and comparison["teacher_nfe"] == min(r["nfe"] for r in matching)
         else:
             assert comparison["speedup_is_lower_bound"]
+
+
+@pytest.mark.slow
+def test_evaluate_explicit_sigma_schedules(tiny_models, tmp_path):
+    import json
+
+    from cm_diffusers.cli import main
+    from cm_diffusers.commands.evaluate import parse_sigma_schedules
+
+    assert parse_sigma_schedules("80,0.821; 80,2,0.5") == [[80.0, 0.821], [80.0, 2.0, 0.5]]
+    model, _ = tiny_models
+    out = tmp_path / "eval"
+    common = ["evaluate", "--model", model, "--steps", "1", "--num_samples", "4", "--batch_size", "2", "--reference",
+              "fashion-mnist-test", "--reference_num_samples", "8", "--cache_dir", str(tmp_path / "cache"),
+              "--output_dir", str(out), "--no_progress"]
+    assert main(common + ["--sigmas", "80,0.821"]) == 0
+    records = json.loads((out / "results.json").read_text())["results"]
+    assert [(r["steps"], r.get("sigmas")) for r in records] == [(1, None), (2, [80.0, 0.821])]
+    assert main(common + ["--sigmas", "0.821,80"]) == 1  # not descending: the scheduler's error, before any work

@@ -23,6 +23,9 @@ def register(subparsers):
                         help="Teacher diffusion model: folder, Hub repo id or shipped name (fashion-mnist-ddpm); "
                         "DDPM or EDM, see cm_diffusers.load_teacher. Optional.")
     parser.add_argument("--steps", default=DEFAULT_STEPS, help="Comma-separated consistency step counts.")
+    parser.add_argument("--sigmas", default=None,
+                        help="Extra consistency schedules as explicit noise levels, ';' between schedules, e.g. "
+                        "'80,0.821' (the 2-step schedule a model card recommends); evaluated besides --steps.")
     parser.add_argument("--teacher_samplers", default=DEFAULT_TEACHER_SAMPLERS,
                         help="Comma-separated teacher samplers: heun, euler (PF-ODE on a Karras grid), ddim (DDPM "
                         "teachers only).")
@@ -80,11 +83,22 @@ def load_models(model, teacher, device):
     return pipe, load_teacher(resolve_pretrained(os.path.expanduser(teacher))).to(device)
 
 
-def consistency_generator(pipe, num_steps: int):
-    """generate(n, generator) -> n images in [0, 1] from `num_steps` consistency steps."""
+def parse_sigma_schedules(text) -> list:
+    """'80,0.821;80,2,0.5' -> [[80.0, 0.821], [80.0, 2.0, 0.5]] (validated later by the scheduler)."""
+    if not text:
+        return []
+    try:
+        return [[float(v) for v in part.split(",") if v.strip()] for part in text.split(";") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--sigmas must be comma-separated numbers, ';' between schedules, got {text!r}.") from None
+
+
+def consistency_generator(pipe, num_steps: int | None = None, sigmas=None):
+    """generate(n, generator) -> n images in [0, 1] from `num_steps` consistency steps or explicit `sigmas`."""
 
     def generate(batch_size, generator):
-        return pipe(batch_size=batch_size, num_inference_steps=num_steps, output_type="pt", generator=generator).images
+        return pipe(batch_size=batch_size, num_inference_steps=num_steps, sigmas=sigmas, output_type="pt",
+                    generator=generator).images
 
     return generate
 
@@ -145,13 +159,20 @@ def evaluate_configuration(generate, label, reference, extractor, args, output_d
 
 
 def evaluate_consistency_model(pipe, steps, reference, extractor, args, output_dir, name="consistency model"):
-    """Records of the consistency model at each step count."""
+    """Records of the consistency model at each step count, then at each explicit --sigmas schedule."""
     tag = "".join(c if c.isalnum() else "-" for c in name)
-    return [
+    records = [
         evaluate_configuration(consistency_generator(pipe, k), f"{tag}-{k}step", reference, extractor, args,
                                output_dir, model=name, sampler="consistency", steps=k, nfe=k)
         for k in steps
     ]
+    for sigmas in parse_sigma_schedules(getattr(args, "sigmas", None)):
+        pipe.sampling_sigmas(sigmas=sigmas)  # validate before spending time
+        label = f"{tag}-sigmas-" + "-".join(f"{s:g}" for s in sigmas)
+        records.append(evaluate_configuration(consistency_generator(pipe, sigmas=sigmas), label, reference,
+                                              extractor, args, output_dir, model=name, sampler="consistency",
+                                              steps=len(sigmas), nfe=len(sigmas), sigmas=sigmas))
+    return records
 
 
 def evaluate_teacher(teacher, samplers, nfes, reference, extractor, args, output_dir, name="teacher"):
