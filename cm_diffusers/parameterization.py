@@ -108,7 +108,13 @@ def openai_ts_to_timesteps(ts: Sequence[int], num_train_timesteps: int) -> list:
 
 def timesteps_to_openai_ts(timesteps: Sequence[int], num_train_timesteps: int) -> list:
     """diffusers' descending `timesteps` ([22, 0]) -> OpenAI's ascending `ts` ([0, 22, 39])."""
-    return [int(t) for t in timesteps][::-1] + [num_train_timesteps - 1]
+    ts = [int(t) for t in timesteps][::-1]
+    if not ts or any(b <= a for a, b in zip(ts, ts[1:])) or ts[0] < 0 or ts[-1] >= num_train_timesteps - 1:
+        raise ValueError(
+            f"`timesteps` must be strictly descending indices in [0, {num_train_timesteps - 2}] (e.g. [22, 0]), "
+            f"got {list(timesteps)}."
+        )
+    return ts + [num_train_timesteps - 1]
 
 
 def timesteps_to_sigmas(timesteps, num_train_timesteps, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO):

@@ -31,7 +31,7 @@ def test_generate_writes_grid_and_images_and_repeats_with_seed(model_dir, tmp_pa
 def test_generate_errors(model_dir, tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "x.png")]) == 1
     assert "no such folder" in capsys.readouterr().err
-    assert main(["generate", "--model", model_dir, "--steps", "2", "--timesteps", "1,0"]) == 1
+    assert main(["generate", "--model", model_dir, "--steps", "2", "--ts", "0,1,39"]) == 1
     assert "at most one" in capsys.readouterr().err
     assert main(["generate", "--model", model_dir, "--timesteps", "0,22", "--output", str(tmp_path / "x.png")]) == 1
     assert "descending" in capsys.readouterr().err
@@ -43,3 +43,12 @@ def test_make_grid_layout():
     grid = np.asarray(make_grid(images, nrow=3, padding=1))
     assert grid.shape == (6, 19, 3)
     assert grid[1:5, 7:12].min() == 255 and grid[1:5, 1:6].max() == 0
+
+
+def test_openai_ts_flag_equals_diffusers_timesteps(model_dir, tmp_path):
+    common = ["generate", "--model", model_dir, "--num_images", "2", "--seed", "1"]
+    assert main(common + ["--ts", "0,22,39", "--output", str(tmp_path / "ts.png")]) == 0
+    assert main(common + ["--timesteps", "22,0", "--output", str(tmp_path / "t.png")]) == 0
+    same = np.asarray(Image.open(tmp_path / "ts.png")), np.asarray(Image.open(tmp_path / "t.png"))
+    np.testing.assert_array_equal(*same)
+    assert main(common + ["--ts", "22,0,39", "--output", str(tmp_path / "bad.png")]) == 1

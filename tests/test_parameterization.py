@@ -59,6 +59,10 @@ def test_openai_ts_and_diffusers_timesteps_convert_both_ways():
         P.openai_ts_to_timesteps([22, 0, 39], 40)
     with pytest.raises(ValueError, match="ascending"):
         P.openai_ts_to_timesteps([0, 45], 40)
+    with pytest.raises(ValueError, match="descending"):
+        P.timesteps_to_openai_ts([0, 22], 40)
+    with pytest.raises(ValueError, match="descending"):
+        P.timesteps_to_openai_ts([39, 0], 40)  # 39 is the end point sigma_min, never a network evaluation
 
 
 def test_timesteps_to_sigmas_sampling_order():

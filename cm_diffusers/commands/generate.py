@@ -19,6 +19,8 @@ def register(subparsers):
     parser.add_argument("--steps", type=int, default=None, help="Number of consistency steps (default 1).")
     parser.add_argument("--timesteps", default=None,
                         help="Comma-separated descending grid indices, e.g. 22,0 (instead of --steps).")
+    parser.add_argument("--ts", default=None,
+                        help="OpenAI's ascending grid indices, e.g. 0,22,39 (the same schedule as --timesteps 22,0).")
     parser.add_argument("--sigmas", default=None, help="Comma-separated descending noise levels (instead of --steps).")
     parser.add_argument("--class_labels", default=None,
                         help="Comma-separated labels (one, or one per image) for class-conditional models.")
@@ -58,9 +60,9 @@ def run(args) -> int:
     from ..pipeline_consistency import ConsistencyPipeline
     from ..pretrained import DEFAULT_MODEL
 
-    schedule_args = [args.steps is not None, args.timesteps is not None, args.sigmas is not None]
-    if sum(schedule_args) > 1:
-        raise ValueError("Pass at most one of --steps, --timesteps and --sigmas.")
+    schedule_args = [args.steps, args.timesteps, args.ts, args.sigmas]
+    if sum(value is not None for value in schedule_args) > 1:
+        raise ValueError("Pass at most one of --steps, --timesteps, --ts and --sigmas.")
     if args.num_images < 1 or args.batch_size < 1:
         raise ValueError("--num_images and --batch_size must be positive.")
     model = args.model or DEFAULT_MODEL
@@ -71,6 +73,11 @@ def run(args) -> int:
 
     pipe = ConsistencyPipeline.from_pretrained(os.path.expanduser(model), dtype=DTYPES[args.dtype]).to(args.device)
     pipe.set_progress_bar_config(disable=True)
+    timesteps = parse_int_list(args.timesteps)
+    if args.ts is not None:
+        from ..parameterization import openai_ts_to_timesteps
+
+        timesteps = openai_ts_to_timesteps(parse_int_list(args.ts), pipe.scheduler.config.num_train_timesteps)
     labels = parse_int_list(args.class_labels)
     if labels is not None and len(labels) not in (1, args.num_images):
         raise ValueError(f"--class_labels needs 1 or {args.num_images} values, got {len(labels)}.")
@@ -86,7 +93,7 @@ def run(args) -> int:
                                                         labels[start:start + count])
             latents = torch.randn(pipe.sample_shape(count), generator=generator)
             out = pipe(batch_size=count, class_labels=batch_labels, latents=latents, generator=generator,
-                       num_inference_steps=args.steps or 1, timesteps=parse_int_list(args.timesteps),
+                       num_inference_steps=args.steps or 1, timesteps=timesteps,
                        sigmas=parse_float_list(args.sigmas), output_type="np")
             images.append(out.images)
             progress.update(count)
