@@ -33,6 +33,7 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from cm_diffusers.parameterization import sigma_to_t  # noqa: E402
 from cm_diffusers.teachers import load_teacher  # noqa: E402
 from training import train_consistency  # noqa: E402
 
@@ -82,7 +83,7 @@ def synchronize(device):
 def measure_floor(teacher, student, batch, repeats, device, autocast_dtype):
     """Seconds of 1 student fwd+bwd, 1 target fwd and 2 teacher fwds (Heun) on `batch`, `repeats` times."""
     sigma = torch.full((batch.shape[0],), 1.0, device=device)
-    t = 250.0 * torch.log(sigma)
+    t = sigma_to_t(sigma)
     student.train()
     times = []
     for _ in range(repeats + 3):

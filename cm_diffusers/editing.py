@@ -462,7 +462,11 @@ class ConsistencyEditingMixin:
 
     def _edit_sigmas(self, num_inference_steps, timesteps, sigmas, default_steps=DEFAULT_EDIT_STEPS) -> torch.Tensor:
         if num_inference_steps is None and timesteps is None and sigmas is None:
-            num_inference_steps = min(default_steps, self.scheduler.config.num_train_timesteps)
+            # Spread the default levels over the whole grid (diffusers' N // k spacing would use only its top half
+            # when k > N / 2), leaving out the end point sigma_min where f is the identity.
+            n_train = self.scheduler.config.num_train_timesteps
+            grid = np.linspace(0, n_train - 1, min(default_steps, n_train - 1) + 1)[:-1]
+            timesteps = sorted({int(round(index)) for index in grid}, reverse=True)
         return self.sampling_sigmas(num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas)
 
     def _check_output_type(self, output_type):

@@ -244,8 +244,8 @@ class ConsistencyScheduler(SchedulerMixin, ConfigMixin):
         """Scales the model input by c_in = 1 / sqrt(sigma^2 + sigma_data^2)."""
         if self._step_index is None:
             self._init_step_index(timestep)
-        sigma = self.sigmas[self._step_index]
-        return sample / (sigma**2 + self.config.sigma_data**2) ** 0.5
+        _, _, c_in = boundary_scalings(self.sigmas[self._step_index], self.config.sigma_min, self.config.sigma_data)
+        return sample * c_in
 
     def step(
         self,
