@@ -458,7 +458,8 @@ class ConsistencyEditingMixin:
                 f"The {what} is {tensor.shape[2]}x{tensor.shape[3]} (height x width), but it must be "
                 f"{size[0]}x{size[1]} for this model; resize it first."
             )
-        return tensor.to(device=self._execution_device, dtype=self.unet.dtype)
+        device, dtype = self._device_and_dtype()
+        return tensor.to(device=device, dtype=dtype)
 
     def _edit_sigmas(self, num_inference_steps, timesteps, sigmas, default_steps=DEFAULT_EDIT_STEPS) -> torch.Tensor:
         if num_inference_steps is None and timesteps is None and sigmas is None:
@@ -750,7 +751,7 @@ class ConsistencyEditingMixin:
         alphas = [float(a) for a in np.asarray(alphas, dtype=np.float64).reshape(-1)]
         if not alphas or not all(math.isfinite(a) for a in alphas):
             raise ValueError(f"`alphas` must be a non-empty list of finite numbers, got {alphas}.")
-        device, dtype = self._execution_device, self.unet.dtype
+        device, dtype = self._device_and_dtype()
         shape = self.sample_shape(1)[1:]
         noise = []
         for name, latents in (("latents_a", latents_a), ("latents_b", latents_b)):
