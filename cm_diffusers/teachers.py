@@ -187,8 +187,9 @@ def load_teacher(name_or_path: str, torch_dtype=None, device=None, cache_dir: Op
     Loads a diffusion checkpoint as a denoiser D(x, sigma, class_labels=None) in EDM sigma space.
 
     Args:
-        name_or_path (`str`): a diffusers folder (`unet/` and `scheduler/`, usually with `model_index.json`) or a
-            Hub repo id, resolved through the Hugging Face cache (`HF_HUB_OFFLINE=1` works once cached).
+        name_or_path (`str`): a diffusers folder (`unet/` and `scheduler/`, usually with `model_index.json`), a
+            Hub repo id, resolved through the Hugging Face cache (`HF_HUB_OFFLINE=1` works once cached), or a
+            shipped short name (`"fashion-mnist-ddpm"`).
         torch_dtype (`torch.dtype`, *optional*): dtype of the UNet's weights (e.g. `torch.float16` on GPU).
         device (*optional*): where to put the UNet.
         cache_dir (`str`, *optional*): the Hugging Face cache to resolve repo ids in.
@@ -199,7 +200,9 @@ def load_teacher(name_or_path: str, torch_dtype=None, device=None, cache_dir: Op
     """
     from diffusers import UNet2DModel
 
-    folder = _resolve_folder(name_or_path, cache_dir)
+    from .pretrained import resolve_pretrained
+
+    folder = _resolve_folder(resolve_pretrained(name_or_path), cache_dir)
     index = _read_json(os.path.join(folder, "model_index.json")) or {}
     components = {k for k, v in index.items() if not k.startswith("_") and v is not None and v[0] is not None}
     if {"vae", "vqvae"} & components or os.path.isdir(os.path.join(folder, "vae")):
