@@ -30,7 +30,7 @@ from cm_diffusers.commands.evaluate import (  # noqa: E402
     setup_reference,
     write_report,
 )
-from cm_diffusers.pretrained import resolve_pretrained  # noqa: E402
+from cm_diffusers.shipped_models import resolve_pretrained  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -21,7 +21,7 @@ _LAZY = {
     "DDPMDenoiser": "teachers",
     "EDMDenoiser": "teachers",
     "ConsistencyLoss": "losses",
-    "resolve_pretrained": "pretrained",
+    "resolve_pretrained": "shipped_models",
     "InceptionFeatureExtractor": "evaluation",
     "frechet_distance": "evaluation",
     "kid": "evaluation",

@@ -62,7 +62,7 @@ class ConsistencyPipeline(ConsistencyEditingMixin, DiffusionPipeline):
         HF_HUB_OFFLINE=1), or the short name of a model shipped with this package (e.g. `"fashion-mnist-cd"`).
         Accepts every keyword of [`DiffusionPipeline.from_pretrained`].
         """
-        from .pretrained import resolve_pretrained
+        from .shipped_models import resolve_pretrained
 
         path = resolve_pretrained(pretrained_model_name_or_path)
         config_kwargs = {k: kwargs[k] for k in ("cache_dir", "token", "revision", "local_files_only") if k in kwargs}

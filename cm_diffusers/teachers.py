@@ -200,7 +200,7 @@ def load_teacher(name_or_path: str, torch_dtype=None, device=None, cache_dir: Op
     """
     from diffusers import UNet2DModel
 
-    from .pretrained import resolve_pretrained
+    from .shipped_models import resolve_pretrained
 
     folder = _resolve_folder(resolve_pretrained(name_or_path), cache_dir)
     index = _read_json(os.path.join(folder, "model_index.json")) or {}

@@ -7,7 +7,7 @@ import torch
 from diffusers import DDPMPipeline
 
 from cm_diffusers import load_teacher
-from cm_diffusers.pretrained import PRETRAINED_DIR, SHIPPED_MODELS, available_models, resolve_pretrained
+from cm_diffusers.shipped_models import PRETRAINED_DIR, SHIPPED_MODELS, available_models, resolve_pretrained
 
 
 def test_shipped_teacher_loads_offline_by_short_name():
@@ -36,7 +36,7 @@ def test_every_shipped_card_exists_and_names_a_license():
 
 
 def test_missing_shipped_model_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr("cm_diffusers.pretrained.PRETRAINED_DIR", "/nonexistent")
+    monkeypatch.setattr("cm_diffusers.shipped_models.PRETRAINED_DIR", "/nonexistent")
     with pytest.raises(FileNotFoundError, match="not in this installation"):
         resolve_pretrained("fashion-mnist-cd")
     assert resolve_pretrained("org/name") == "org/name"  # anything else passes through

@@ -78,7 +78,7 @@ def _load_image(path: str, mode: str):
 
 def run(args) -> int:
     from ..pipeline_consistency import ConsistencyPipeline
-    from ..pretrained import DEFAULT_MODEL
+    from ..shipped_models import DEFAULT_MODEL
 
     task = args.task
     schedule = {}

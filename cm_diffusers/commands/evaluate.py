@@ -70,7 +70,7 @@ def parse_int_list(text: str, flag: str) -> list:
 def load_models(model, teacher, device):
     """The consistency pipeline (on `device`, progress bar off; None for `--model none`) and the teacher (or None)."""
     from ..pipeline_consistency import ConsistencyPipeline
-    from ..pretrained import DEFAULT_MODEL, resolve_pretrained
+    from ..shipped_models import DEFAULT_MODEL, resolve_pretrained
 
     pipe = None
     if (model or "").lower() != "none":
@@ -288,8 +288,8 @@ def run_metadata(args, extractor, reference) -> dict:
 
 
 def run(args) -> int:
-    from ..pretrained import DEFAULT_MODEL
     from ..sampling import TEACHER_SAMPLERS
+    from ..shipped_models import DEFAULT_MODEL
 
     steps = parse_int_list(args.steps, "--steps")
     nfes = parse_int_list(args.teacher_nfe, "--teacher_nfe")

@@ -58,7 +58,7 @@ def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2) -> 
 
 def run(args) -> int:
     from ..pipeline_consistency import ConsistencyPipeline
-    from ..pretrained import DEFAULT_MODEL
+    from ..shipped_models import DEFAULT_MODEL
 
     schedule_args = [args.steps, args.timesteps, args.ts, args.sigmas]
     if sum(value is not None for value in schedule_args) > 1:

@@ -1,4 +1,4 @@
-"""Small models shipped inside the package, addressed by short names (`fashion-mnist-cd`, ...)."""
+"""Models shipped inside the package (folder `pretrained/`), addressed by short names (`fashion-mnist-cd`, ...)."""
 
 import os
 
