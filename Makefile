@@ -24,8 +24,10 @@ data:
 	  || sudo -n apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
 	  || echo "note: could not install dataset-fashion-mnist; Fashion-MNIST tests will be skipped")
 
+MODEL ?= fashion-mnist-cd
+
 demo: setup
-	$(VENV)/bin/cm-diffusers generate --num_images 64 --seed 0 --output samples.png
+	$(VENV)/bin/cm-diffusers generate --model $(MODEL) --num_images 64 --seed 0 --output samples.png
 
 test: setup data
 	$(PY) -m pytest tests -q

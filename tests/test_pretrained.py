@@ -41,3 +41,14 @@ def test_missing_shipped_model_is_a_clear_error(monkeypatch):
         resolve_pretrained("fashion-mnist-cd")
     assert resolve_pretrained("org/name") == "org/name"  # anything else passes through
     assert set(SHIPPED_MODELS) >= {"fashion-mnist-cd", "fashion-mnist-ct", "fashion-mnist-ddpm"}
+
+
+def test_shipped_consistency_model_samples_offline_in_one_step():
+    from cm_diffusers import ConsistencyPipeline
+
+    pipe = ConsistencyPipeline.from_pretrained("fashion-mnist-cd")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.num_train_timesteps == 18
+    assert pipe.scheduler.config.sigma_min == pytest.approx(load_teacher("fashion-mnist-ddpm").sigma_min)
+    images = pipe(batch_size=4, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (4, 28, 28, 1) and images.std() > 0.05
