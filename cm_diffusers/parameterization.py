@@ -211,3 +211,8 @@ def truncated_lognormal_sigmas(u, p_mean=-1.1, p_std=2.0, sigma_min=SIGMA_MIN, s
     erf_lo, erf_hi = (math.erf((math.log(s) - p_mean) / (math.sqrt(2) * p_std)) for s in (sigma_min, sigma_max))
     log_sigma = p_mean + p_std * math.sqrt(2) * torch.erfinv(erf_lo + u * (erf_hi - erf_lo))
     return log_sigma.exp().clamp(sigma_min, sigma_max)
+
+
+def edm_loss_weight(sigma, sigma_data: float = SIGMA_DATA):
+    """EDM's loss weight (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (Karras et al. 2022, eq. 8)."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2

@@ -153,3 +153,10 @@ def test_ect_r_shrinks_gap_with_stage_and_respects_sigma_min():
         assert (later <= earlier + 1e-12).all()
     assert (P.ect_r(sigma, 0) >= 0.002).all()
     assert P.ect_stage(0, 100, 4) == 0 and P.ect_stage(99, 100, 4) == 3 and P.ect_stage(100, 100, 4) == 3
+
+
+def test_edm_loss_weight_makes_the_effective_weight_of_f_unit():
+    # lambda(sigma) c_out(sigma)^2 = 1 for EDM's c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2).
+    sigma = torch.tensor([0.01, 0.5, 3.0, 80.0], dtype=torch.float64)
+    c_out = sigma * 0.5 / (sigma**2 + 0.25).sqrt()
+    torch.testing.assert_close(P.edm_loss_weight(sigma, 0.5) * c_out**2, torch.ones_like(sigma))

@@ -567,14 +567,16 @@ def main(args):
 
         mean_loss = accelerator.reduce(step_loss, reduction="mean")
         raise_if_not_finite(mean_loss, global_step, args.output_dir)  # before any checkpoint of these weights
+        # One device-to-host copy for every logged tensor (the NaN check above has synchronised already).
+        logged = dict(zip(["loss", *stats], torch.stack([mean_loss, *stats.values()]).float().tolist()))
         logs = {
-            "loss": mean_loss.item(),
+            "loss": logged.pop("loss"),
             "lr": lr_scheduler.get_last_lr()[0],
             "num_scales": levels.num_scales,
             "target_ema": levels.target_ema,
             "stage": levels.stage,
+            **logged,
         }
-        logs.update({name: value.item() for name, value in stats.items()})
         logs["step_time"] = time.perf_counter() - step_start  # wall time of the step: .item() synchronised above
         logs["data_time"] = data_time
         progress.update(1)

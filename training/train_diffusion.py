@@ -41,7 +41,7 @@ from diffusers.optimization import get_scheduler  # noqa: E402
 from diffusers.training_utils import EMAModel  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
-from cm_diffusers.parameterization import append_dims  # noqa: E402
+from cm_diffusers.parameterization import append_dims, edm_loss_weight  # noqa: E402
 from cm_diffusers.training_utils import (  # noqa: E402
     default_unet_config,
     find_checkpoint,
@@ -205,7 +205,7 @@ def edm_loss(model, noise_scheduler, clean, class_labels, generator, p_mean=-1.2
         class_labels=class_labels,
     ).sample
     denoised = noise_scheduler.precondition_outputs(noisy, model_output.float(), sigma_b)
-    weight = (sigma_b**2 + sigma_data**2) / (sigma_b * sigma_data) ** 2
+    weight = edm_loss_weight(sigma_b, sigma_data)
     return (weight * (denoised - clean) ** 2).mean()
 
 
