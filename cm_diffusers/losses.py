@@ -30,6 +30,7 @@ from .parameterization import (
     ct_target_ema,
     ect_r,
     ect_stage,
+    edm_loss_weight,
     euler_step,
     heun_step,
     ict_num_scales,
@@ -332,6 +333,52 @@ class ConsistencyLoss:
         loss = (weight * distance).mean()
         logs = {"sigma_mean": sigma.mean(), "sigma_next_mean": sigma_next.mean(), "distance": distance.mean()}
         return loss, {name: value.detach() for name, value in logs.items()}
+
+
+class DenoiserLoss:
+    """The denoiser warm-up before a consistency loss: EDM-weighted MSE of f_theta(x + sigma z, sigma) to a denoiser.
+
+    The target is the teacher's D(x + sigma z, sigma) (`teacher` given: regression onto the teacher, as in CD), or the
+    clean data x (plain denoising score matching, for runs that must not use a teacher's outputs). A few hundred
+    steps turn a student initialised from a DDPM eps-teacher's weights, whose time input, input scaling and output
+    head mean something else under the consistency parameterization, into a denoiser with the student's own
+    scalings, which is where CD and ECT expect to start (OpenAI's CD starts from an EDM teacher with exactly these
+    scalings). sigma ~ lognormal(p_mean, p_std) restricted to [sigma_min, sigma_max]; the weight
+    (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 makes every level's error count alike (Karras et al. 2022).
+    """
+
+    def __init__(
+        self,
+        teacher: Optional[Callable] = None,
+        clip_denoised: bool = False,
+        sigma_min=SIGMA_MIN,
+        sigma_max=SIGMA_MAX,
+        sigma_data=SIGMA_DATA,
+        p_mean=-1.1,
+        p_std=2.0,
+    ):
+        self.teacher, self.clip_denoised = teacher, clip_denoised
+        self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
+        self.p_mean, self.p_std = p_mean, p_std
+
+    def __call__(self, student: Callable, target: Callable, sample: torch.Tensor, levels: Levels, class_labels=None):
+        """Same signature as `ConsistencyLoss` (`target` and `levels` are unused); returns (loss, statistics)."""
+        u = torch.rand(sample.shape[0], dtype=torch.float64)
+        sigma = truncated_lognormal_sigmas(u, self.p_mean, self.p_std, self.sigma_min, self.sigma_max)
+        sigma = sigma.to(sample.device, torch.float32)
+        noisy = sample + append_dims(sigma, sample.ndim) * torch.randn_like(sample)
+        with torch.no_grad():
+            if self.teacher is None:
+                goal = sample.float()
+            else:
+                goal = self.teacher(noisy, sigma, class_labels=class_labels).float()
+                goal = goal.clamp(-1, 1) if self.clip_denoised else goal
+        denoised = consistency_function(
+            student, noisy, sigma, self.sigma_min, self.sigma_data, class_labels=class_labels
+        )
+        distance = l2(denoised.float(), goal)
+        loss = (edm_loss_weight(sigma, self.sigma_data) * distance).mean()
+        return loss, {"sigma_mean": sigma.mean().detach(), "distance": distance.mean().detach()}
 
 
 def build_loss(

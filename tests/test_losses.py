@@ -13,6 +13,7 @@ from cm_diffusers.losses import (
     ConsistencyLoss,
     Curriculum,
     DataPointStep,
+    DenoiserLoss,
     ECTPairs,
     KarrasGridPairs,
     Levels,
@@ -27,7 +28,9 @@ from cm_diffusers.losses import (
 )
 from cm_diffusers.parameterization import (
     boundary_scalings,
+    consistency_function,
     ect_r,
+    edm_loss_weight,
     euler_step,
     inverse_gap_weight,
     karras_sigmas,
@@ -216,6 +219,52 @@ def test_student_and_target_share_dropout_masks():
     loss, _ = ConsistencyLoss(stay, same_level, l2, unit_weight)(network, network, sample, Levels(18, 0.0))
     assert loss.item() == 0.0
     loss.backward()  # the student's graph is intact
+
+
+def test_denoiser_warmup_is_edm_weighted_mse_to_data_or_teacher():
+    sample = torch.rand(4, 1, 8, 8) * 2 - 1
+    network = unet_forward(make_tiny_unet(seed=3).eval())
+    sigma_min, sigma_max = 0.01, 80.0
+
+    # data target: the EDM-weighted mean squared error of f(x + sigma z, sigma) to x, sigma truncated lognormal
+    torch.manual_seed(5)
+    with torch.no_grad():
+        loss, logs = DenoiserLoss(sigma_min=sigma_min, sigma_max=sigma_max, p_mean=-1.2, p_std=1.2)(
+            network, None, sample, Levels(0, 0.0)
+        )
+    torch.manual_seed(5)
+    sigma = truncated_lognormal_sigmas(torch.rand(4, dtype=torch.float64), -1.2, 1.2, sigma_min, sigma_max).float()
+    noisy = sample + sigma.view(-1, 1, 1, 1) * torch.randn_like(sample)
+    with torch.no_grad():
+        denoised = consistency_function(network, noisy, sigma, sigma_min)
+    expected = (edm_loss_weight(sigma) * (denoised - sample).square().mean(dim=(1, 2, 3))).mean()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(logs["sigma_mean"], sigma.mean())
+    assert ((sigma >= sigma_min) & (sigma <= sigma_max)).all()
+
+    # teacher target: a teacher that is the student's own denoiser leaves nothing to learn
+    def same_denoiser(x, sigma_b, class_labels=None):
+        return consistency_function(network, x, sigma_b, sigma_min)
+
+    with torch.no_grad():
+        loss, _ = DenoiserLoss(same_denoiser, sigma_min=sigma_min)(network, None, sample, Levels(0, 0.0))
+    assert loss.item() == pytest.approx(0.0, abs=1e-10)
+
+    # clip_denoised clamps the teacher's output: a teacher answering 5 is the same as one answering 1
+    def loss_with(teacher, clip):
+        torch.manual_seed(7)
+        with torch.no_grad():
+            loss_fn = DenoiserLoss(teacher, clip_denoised=clip, sigma_min=sigma_min)
+            return loss_fn(network, None, sample, Levels(0, 0.0))[0]
+
+    def fives(x, sigma_b, class_labels=None):
+        return torch.full_like(x, 5.0)
+
+    def ones(x, sigma_b, class_labels=None):
+        return torch.ones_like(x)
+
+    torch.testing.assert_close(loss_with(fives, True), loss_with(ones, False))
+    assert loss_with(fives, False) > loss_with(ones, False)
 
 
 def test_build_loss_wires_each_mode():

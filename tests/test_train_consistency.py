@@ -20,7 +20,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cm_diffusers.hub import MODES  # noqa: E402
-from cm_diffusers.losses import Curriculum, Levels, PseudoHuber, build_loss, unet_forward  # noqa: E402
+from cm_diffusers.losses import (  # noqa: E402
+    Curriculum,
+    DenoiserLoss,
+    Levels,
+    PseudoHuber,
+    build_loss,
+    unet_forward,
+)
 from training import train_consistency  # noqa: E402
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -178,6 +185,49 @@ def test_cd_distills_ddpm_teacher(data_dir, ddpm_teacher, tmp_path):
     after = eval_loss("cd", pipe.unet, images, levels, config.sigma_min, config.sigma_max, teacher=teacher)
     assert after < 0.97 * before
     assert_card(out, "cd", "num_scales", "heun")
+
+
+@pytest.mark.slow
+def test_denoiser_warmup_precedes_cd_and_moves_the_student_onto_the_teacher(data_dir, ddpm_teacher, tmp_path):
+    """--denoiser_warmup_steps W: W steps of regression onto the teacher's D, then CD; the student gets closer to D."""
+    from cm_diffusers.teachers import load_teacher
+
+    out, steps, warmup = tmp_path / "warm", 12, 11
+    assert train(*common_flags(data_dir, out, steps), "--mode", "cd", "--teacher_model_name_or_path", ddpm_teacher,
+                 "--num_scales", 10, "--denoiser_warmup_steps", warmup, *LOSS_FLAGS) == steps  # fmt: skip
+    log = steps_of(read_log(out))
+    assert [entry["denoiser_warmup"] for entry in log] == [1] * warmup + [0] * (steps - warmup)
+    assert "sigma_next_mean" not in log[warmup - 1] and "sigma_next_mean" in log[warmup]  # the CD loss follows
+    teacher = load_teacher(str(ddpm_teacher))
+    config = assert_pipeline_samples(out, {"timesteps": [5, 0]}).scheduler.config
+    regression = DenoiserLoss(teacher, sigma_min=config.sigma_min, sigma_max=config.sigma_max)
+
+    def distance_to_teacher(unet):
+        torch.manual_seed(11)
+        with torch.no_grad():
+            network = unet_forward(unet.eval())
+            return np.mean([regression(network, None, load_images(data_dir), None)[0].item() for _ in range(4)])
+
+    trained = UNet2DModel.from_pretrained(out / "unet")
+    assert distance_to_teacher(trained) < 0.95 * distance_to_teacher(make_tiny_unet(seed=1))
+    card = (out / "README.md").read_text()
+    assert "denoiser_warmup_steps" in card and "teacher" in card
+
+
+def test_denoiser_warmup_shifts_the_curriculum_and_is_checked(data_dir, unet_config, tmp_path):
+    out, steps, warmup = tmp_path / "ct", 7, 3
+    assert train(*common_flags(data_dir, out, steps), "--mode", "ct", "--unet_config", unet_config, "--s0", 2,
+                 "--s1", 20, "--denoiser_warmup_steps", warmup, "--ema_decay", 0) == steps  # fmt: skip
+    log = steps_of(read_log(out))
+    curriculum = Curriculum("ct", steps - warmup, s0=2, s1=20)
+    assert [entry["num_scales"] for entry in log[warmup:]] == [curriculum(k).num_scales for k in range(steps - warmup)]
+    assert [entry["denoiser_warmup"] for entry in log] == [1] * warmup + [0] * (steps - warmup)
+    with pytest.raises(SystemExit):  # no consistency steps left
+        train_consistency.parse_args(["--mode", "ct", "--output_dir", "x", "--max_train_steps", "3",
+                                      "--denoiser_warmup_steps", "3"])  # fmt: skip
+    with pytest.raises(SystemExit):  # a teacher target without a teacher
+        train_consistency.parse_args(["--mode", "ct", "--output_dir", "x", "--denoiser_warmup_target", "teacher",
+                                      "--denoiser_warmup_steps", "1"])  # fmt: skip
 
 
 @pytest.mark.slow

@@ -47,7 +47,7 @@ if __package__ in (None, ""):  # run as a script: make the repository's `trainin
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cm_diffusers import ConsistencyPipeline, ConsistencyScheduler  # noqa: E402
-from cm_diffusers.losses import Curriculum, build_loss, make_distance, unet_forward  # noqa: E402
+from cm_diffusers.losses import Curriculum, DenoiserLoss, build_loss, make_distance, unet_forward  # noqa: E402
 from cm_diffusers.parameterization import karras_sigmas  # noqa: E402
 from cm_diffusers.training_utils import (  # noqa: E402
     default_unet_config,
@@ -124,6 +124,22 @@ def parse_args(argv=None):
     )
     group.add_argument("--huber_c", type=float, default=None, help="Pseudo-Huber c (default 0.00054 sqrt(d)).")
     group.add_argument(
+        "--denoiser_warmup_steps",
+        type=int,
+        default=0,
+        help="Spend the first W of --max_train_steps regressing f(x + sigma z, sigma) onto a denoiser before the "
+        "consistency loss (curricula start after them): makes a student started from a DDPM eps-teacher a "
+        "denoiser with the consistency scalings. Target: see --denoiser_warmup_target.",
+    )
+    group.add_argument(
+        "--denoiser_warmup_target",
+        type=str,
+        default=None,
+        choices=["teacher", "data"],
+        help="teacher: the teacher's D(x, sigma) (default in cd); data: the clean image, i.e. denoising score "
+        "matching without any teacher output (default in ct/ict/ect).",
+    )
+    group.add_argument(
         "--target_ema_decay", type=float, default=None, help="cd: target EMA rate mu (0: stop-grad of online)."
     )
     group.add_argument("--s0", type=int, default=None, help="ct/ict curriculum: initial N (ct 2, ict 10).")
@@ -191,6 +207,12 @@ def parse_args(argv=None):
         parser.error("--mu0 must lie in (0, 1).")
     if args.max_train_steps < 1 or args.ect_num_stages < 1 or args.gradient_accumulation_steps < 1:
         parser.error("--max_train_steps, --ect_num_stages and --gradient_accumulation_steps must be at least 1.")
+    if not 0 <= args.denoiser_warmup_steps < args.max_train_steps:
+        parser.error("--denoiser_warmup_steps must lie in [0, --max_train_steps): the consistency loss needs steps.")
+    if args.denoiser_warmup_target is None:
+        args.denoiser_warmup_target = "teacher" if args.mode == "cd" else "data"
+    if args.denoiser_warmup_target == "teacher" and args.teacher_model_name_or_path is None:
+        parser.error("--denoiser_warmup_target teacher needs --teacher_model_name_or_path.")
     if not args.sigma_min < args.sigma_mid < args.sigma_max:
         parser.error("--sigma_mid must lie between --sigma_min and --sigma_max.")
     return args
@@ -354,6 +376,10 @@ def mode_settings(args, sigma_min, sigma_max, final_levels) -> dict:
         "batch_size": args.train_batch_size,
         "ema_decay": args.ema_decay,
     }
+    if args.denoiser_warmup_steps:
+        settings.update(
+            denoiser_warmup_steps=args.denoiser_warmup_steps, denoiser_warmup_target=args.denoiser_warmup_target
+        )
     if args.mode == "cd":
         settings.update(num_scales=args.num_scales, ode_solver=args.ode_solver, target_ema_decay=args.target_ema_decay,
                         teacher_clip_denoised=args.teacher_clip_denoised)  # fmt: skip
@@ -431,7 +457,8 @@ def main(args):
     schedule_flags = dict(num_scales=args.num_scales, target_ema=args.target_ema_decay, s0=args.s0, s1=args.s1,
                           mu0=args.mu0, num_stages=args.ect_num_stages)  # fmt: skip
     schedule_flags = {name: value for name, value in schedule_flags.items() if value is not None}  # mode's own flags
-    curriculum = Curriculum(args.mode, args.max_train_steps, **schedule_flags)
+    warmup_steps = args.denoiser_warmup_steps  # the curricula run over the steps after the warm-up
+    curriculum = Curriculum(args.mode, args.max_train_steps - warmup_steps, **schedule_flags)
     # mu = 0 makes the target the stop-gradient of the online network itself: no copy needed
     target_unet = copy.deepcopy(unet).requires_grad_(False) if curriculum.uses_target_ema else None
     ema = None
@@ -456,7 +483,18 @@ def main(args):
         k=args.ect_k,
         b=args.ect_b,
     )
-    if args.mode != "cd":
+    warmup_loss_fn = None
+    if warmup_steps:
+        warmup_loss_fn = DenoiserLoss(
+            teacher if args.denoiser_warmup_target == "teacher" else None,
+            clip_denoised=teacher_clip_denoised(args.teacher_clip_denoised, teacher),
+            sigma_min=sigma_min,
+            sigma_max=sigma_max,
+            sigma_data=args.sigma_data,
+            p_mean=args.p_mean,
+            p_std=args.p_std,
+        )
+    if args.mode != "cd" and args.denoiser_warmup_target != "teacher":
         teacher = None  # ect only starts from its weights: free the memory
 
     # 3. Optimizer and learning-rate schedule (stepped once per optimizer step, so lr(k) is the same for any number
@@ -514,7 +552,7 @@ def main(args):
     student = unet_forward(unet)
     target = unet_forward(target_unet if target_unet is not None else raw_unet)
     # the grid of the final step (ect trains on continuous levels: the default 40-point grid, sampled by sigmas)
-    num_train_timesteps = curriculum(args.max_train_steps).num_scales if args.mode != "ect" else 40
+    num_train_timesteps = curriculum(curriculum.total_steps).num_scales if args.mode != "ect" else 40
     scheduler = ConsistencyScheduler(
         num_train_timesteps=num_train_timesteps,
         sigma_min=sigma_min,
@@ -539,7 +577,10 @@ def main(args):
     # 5. The loop: load batch, sample levels, loss, backward, step, update target/EMA, log, checkpoint
     while global_step < args.max_train_steps:
         step_start = time.perf_counter()
-        levels = curriculum(global_step)  # N(k), mu(k), ECT stage: from the global step, the same on every rank
+        # N(k), mu(k), ECT stage: from the global step, the same on every rank; the warm-up comes first
+        warming_up = global_step < warmup_steps
+        levels = curriculum(max(global_step - warmup_steps, 0))
+        step_loss_fn = warmup_loss_fn if warming_up else loss_fn
         step_loss, data_time = 0.0, 0.0
         for _ in range(args.gradient_accumulation_steps):
             data_start = time.perf_counter()
@@ -550,7 +591,7 @@ def main(args):
             class_labels = class_labels.to(accelerator.device) if class_labels is not None else None
             with accelerator.accumulate(unet):
                 with accelerator.autocast():
-                    loss, stats = loss_fn(student, target, sample, levels, class_labels)
+                    loss, stats = step_loss_fn(student, target, sample, levels, class_labels)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
@@ -560,7 +601,7 @@ def main(args):
 
         lr_scheduler.step()
         if target_unet is not None:
-            update_target(target_unet, raw_unet, levels.target_ema)
+            update_target(target_unet, raw_unet, 0.0 if warming_up else levels.target_ema)
         if ema is not None:
             ema.step(raw_unet.parameters())
         global_step += 1
@@ -575,6 +616,7 @@ def main(args):
             "num_scales": levels.num_scales,
             "target_ema": levels.target_ema,
             "stage": levels.stage,
+            "denoiser_warmup": int(warming_up),
             **logged,
         }
         logs["step_time"] = time.perf_counter() - step_start  # wall time of the step: .item() synchronised above
@@ -597,7 +639,8 @@ def main(args):
     # 6. Save the pipeline with the evaluation (EMA) weights, sample grids and the model card; only the main process
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_pipeline(args, raw_unet, ema, scheduler, schedules, curriculum(global_step), global_step, accelerator)
+        final_levels = curriculum(max(global_step - warmup_steps, 0))
+        save_pipeline(args, raw_unet, ema, scheduler, schedules, final_levels, global_step, accelerator)
         if rank_log is not None:
             rank_log.write(json.dumps({"event": "saved_pipeline", "rank": accelerator.process_index}) + "\n")
     if rank_log is not None:
