@@ -7,11 +7,20 @@ results.md (the table), fid_vs_nfe.png, fid_vs_time.png and sample grids into --
     python benchmarks/quality.py --models fashion-mnist-cd,fashion-mnist-ct --teacher fashion-mnist-ddpm \
         --num_samples 1000 [--device cuda] [--output_dir benchmarks/results/quality]
 
+Runs measured separately (say the teacher sweep in one process and the students in another, on different cores)
+combine into one table, plot and target summary, after checking that they share the protocol:
+
+    python benchmarks/quality.py --merge teacher/results.json students/results.json --output_dir OUT
+
+The summary names the teacher's best sampler at each NFE ("teacher best" = its lowest FID overall) and the ratios
+the shipped-model targets are stated in (consistency model FID / teacher best).
+
 FID at a few hundred or thousand samples is biased upwards (the real test split against the train split scores
 ~16 at 1,000 samples): compare rows of one table, not numbers from papers computed with 50,000 samples.
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -56,7 +65,71 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device.")
     parser.add_argument("--output_dir", default="benchmarks/results/quality", help="Where the results go.")
     parser.add_argument("--no_progress", action="store_true", help="Hide progress bars.")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
+                        help="Combine the results.json files of earlier runs instead of measuring.")
     return parser.parse_args(argv)
+
+
+# what must agree for rows of different runs to share a table
+PROTOCOL_KEYS = ("num_samples", "seed", "reference", "feature_extractor")
+
+
+def merge_reports(paths: list) -> dict:
+    """One report from several results.json files of the same protocol; rows are labelled by their model."""
+    reports = []
+    for path in paths:
+        with open(path) as f:
+            reports.append(json.load(f))
+    first = reports[0]
+    for path, report in zip(paths[1:], reports[1:]):
+        differing = [key for key in PROTOCOL_KEYS if report.get(key) != first.get(key)]
+        if differing:
+            raise SystemExit(f"{path} differs from {paths[0]} in {differing}: FIDs of different protocols do not "
+                             "share a table; rerun with the same --num_samples, --seed and reference.")
+    results = []
+    for report in reports:
+        for record in report["results"]:
+            record = dict(record)
+            if record["model"] == "consistency model" and report.get("model"):  # `cm-diffusers evaluate` labels
+                record["model"] = report["model"]
+            elif record["model"] == "teacher" and report.get("teacher"):
+                record["model"] = f"teacher {report['teacher']}"
+            results.append(record)
+    merged = {key: value for key, value in first.items() if key not in ("results", "model", "models")}
+    merged.update(models=sorted({r["model"] for r in results if r["sampler"] == "consistency"}), merged_from=paths,
+                  results=results)
+    merged["summary"] = target_summary(results)
+    return merged
+
+
+def target_summary(results: list) -> dict:
+    """Teacher best per NFE and overall, and each consistency model's FID as a multiple of the teacher's best."""
+    teacher = [r for r in results if r["sampler"] != "consistency"]
+    students = [r for r in results if r["sampler"] == "consistency" and "sigmas" not in r]
+    if not teacher:
+        return {}
+    best_per_nfe = {}
+    for record in teacher:
+        if record["nfe"] not in best_per_nfe or record["fid"] < best_per_nfe[record["nfe"]]["fid"]:
+            best_per_nfe[record["nfe"]] = record
+    best = min(teacher, key=lambda r: r["fid"])
+    ratios = {f"{r['model']} {r['steps']}-step": round(r["fid"] / best["fid"], 3) for r in students}
+    return {
+        "teacher_best": {key: best[key] for key in ("sampler", "nfe", "fid")},
+        "teacher_best_per_nfe": {str(nfe): {"sampler": r["sampler"], "fid": r["fid"]}
+                                 for nfe, r in sorted(best_per_nfe.items())},
+        "fid_over_teacher_best": ratios,
+    }
+
+
+def summary_markdown(summary: dict) -> str:
+    if not summary:
+        return ""
+    best = summary["teacher_best"]
+    lines = ["", f"Teacher best: {best['sampler']} at NFE {best['nfe']}, FID {best['fid']:.2f}.", "",
+             "| consistency model | FID / teacher best |", "|---|---:|"]
+    lines += [f"| {name} | {ratio:.2f} |" for name, ratio in summary["fid_over_teacher_best"].items()]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -65,6 +138,17 @@ def main(argv=None) -> int:
     from cm_diffusers.teachers import load_teacher
 
     args = parse_args(argv)
+    if args.merge:
+        os.makedirs(args.output_dir, exist_ok=True)
+        report = merge_reports(args.merge)
+        title = f"{report['num_samples']} samples vs {report['reference']['count']} reference images"
+        paths = write_report(report, args.output_dir, title)
+        with open(paths[1], "a") as f:  # results.md: the table, then the targets' ratios
+            f.write(summary_markdown(report["summary"]))
+        print_table(report["results"])
+        print(summary_markdown(report["summary"]))
+        print(f"Wrote {', '.join(os.path.relpath(p) for p in paths)}")
+        return 0
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     steps = parse_int_list(args.steps, "--steps")
     nfes = parse_int_list(args.teacher_nfe, "--teacher_nfe")

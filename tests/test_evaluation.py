@@ -348,3 +348,46 @@ def test_evaluate_explicit_sigma_schedules(tiny_models, tmp_path):
     records = json.loads((out / "results.json").read_text())["results"]
     assert [(r["steps"], r.get("sigmas")) for r in records] == [(1, None), (2, [80.0, 0.821])]
     assert main(common + ["--sigmas", "0.821,80"]) == 1  # not descending: the scheduler's error, before any work
+
+
+def test_quality_benchmark_merges_runs_of_one_protocol_and_states_the_target_ratios(tmp_path):
+    """benchmarks/quality.py --merge: rows of separate runs in one table, teacher best per NFE, FID ratios."""
+    import json
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from benchmarks import quality
+
+    protocol = {"num_samples": 8, "seed": 0, "batch_size": 4, "device": "cpu", "device_name": "x", "torch_threads": 1,
+                "reference": {"source": "fashion-mnist-train:res=28:n=16", "count": 16}, "feature_extractor": "f"}
+
+    def record(model, sampler, nfe, fid):
+        return {"model": model, "sampler": sampler, "steps": nfe, "nfe": nfe, "fid": fid, "kid": 0.1,
+                "ms_per_image": float(nfe)}
+
+    teacher = dict(protocol, model=None, teacher="fashion-mnist-ddpm", results=[
+        record("teacher", "ddim", 10, 40.0), record("teacher", "heun", 9, 50.0), record("teacher", "heun", 35, 20.0)])
+    student = dict(protocol, model="fashion-mnist-cd", teacher=None, results=[
+        record("consistency model", "consistency", 1, 30.0), record("consistency model", "consistency", 2, 25.0)])
+    paths = []
+    for name, report in [("teacher.json", teacher), ("student.json", student)]:
+        paths.append(str(tmp_path / name))
+        with open(paths[-1], "w") as f:
+            json.dump(report, f)
+
+    out = tmp_path / "merged"
+    assert quality.main(["--merge", *paths, "--output_dir", str(out)]) == 0
+    merged = json.loads((out / "results.json").read_text())
+    assert [r["model"] for r in merged["results"]] == ["teacher fashion-mnist-ddpm"] * 3 + ["fashion-mnist-cd"] * 2
+    summary = merged["summary"]
+    assert summary["teacher_best"] == {"sampler": "heun", "nfe": 35, "fid": 20.0}
+    assert summary["teacher_best_per_nfe"]["10"] == {"sampler": "ddim", "fid": 40.0}
+    assert summary["fid_over_teacher_best"] == {"fashion-mnist-cd 1-step": 1.5, "fashion-mnist-cd 2-step": 1.25}
+    assert "| fashion-mnist-cd 2-step | 1.25 |" in (out / "results.md").read_text()
+    assert Image.open(out / "fid_vs_nfe.png").size[0] > 0
+
+    student["num_samples"] = 16  # another protocol: refused, not mixed
+    with open(paths[1], "w") as f:
+        json.dump(student, f)
+    with pytest.raises(SystemExit, match="num_samples"):
+        quality.merge_reports(paths)

@@ -223,10 +223,11 @@ def plot_results(results: list, output_dir: str, title: str = "") -> list:
 
 
 def print_table(results: list):
-    print(f"{'model':<22}{'sampler':<13}{'steps':>6}{'NFE':>6}{'FID':>10}{'KID':>9}{'ms/image':>11}")
+    width = max([len("model"), *(len(r["model"]) for r in results)]) + 2
+    print(f"{'model':<{width}}{'sampler':<13}{'steps':>6}{'NFE':>6}{'FID':>10}{'KID':>9}{'ms/image':>11}")
     for r in results:
-        print(f"{r['model']:<22}{r['sampler']:<13}{r['steps']:>6}{r['nfe']:>6}{r['fid']:>10.2f}{r['kid']:>9.4f}"
-              f"{r['ms_per_image']:>11.2f}")
+        print(f"{r['model']:<{width}}{r['sampler']:<13}{r['steps']:>6}{r['nfe']:>6}{r['fid']:>10.2f}"
+              f"{r['kid']:>9.4f}{r['ms_per_image']:>11.2f}")
 
 
 def results_markdown(report: dict) -> str:
