@@ -105,7 +105,7 @@ def merge_reports(paths: list) -> dict:
 def target_summary(results: list) -> dict:
     """Teacher best per NFE and overall, and each consistency model's FID as a multiple of the teacher's best."""
     teacher = [r for r in results if r["sampler"] != "consistency"]
-    students = [r for r in results if r["sampler"] == "consistency" and "sigmas" not in r]
+    students = [r for r in results if r["sampler"] == "consistency"]
     if not teacher:
         return {}
     best_per_nfe = {}
@@ -113,7 +113,10 @@ def target_summary(results: list) -> dict:
         if record["nfe"] not in best_per_nfe or record["fid"] < best_per_nfe[record["nfe"]]["fid"]:
             best_per_nfe[record["nfe"]] = record
     best = min(teacher, key=lambda r: r["fid"])
-    ratios = {f"{r['model']} {r['steps']}-step": round(r["fid"] / best["fid"], 3) for r in students}
+    ratios = {}
+    for r in students:  # an explicit schedule is named by its levels
+        schedule = f" (sigmas {', '.join(f'{s:g}' for s in r['sigmas'])})" if r.get("sigmas") else ""
+        ratios[f"{r['model']} {r['steps']}-step{schedule}"] = round(r["fid"] / best["fid"], 3)
     return {
         "teacher_best": {key: best[key] for key in ("sampler", "nfe", "fid")},
         "teacher_best_per_nfe": {str(nfe): {"sampler": r["sampler"], "fid": r["fid"]}

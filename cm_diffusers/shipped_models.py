@@ -6,7 +6,7 @@ PRETRAINED_DIR = os.path.join(os.path.dirname(__file__), "pretrained")
 DEFAULT_MODEL = "fashion-mnist-cd"
 SHIPPED_MODELS = {
     "fashion-mnist-cd": "Consistency-distilled from the Fashion-MNIST DDPM teacher (default, 1-3 steps).",
-    "fashion-mnist-ct": "Consistency model trained without distillation on Fashion-MNIST.",
+    "fashion-mnist-ct": "Consistency model trained without distillation (ECT from the teacher's weights, data only).",
     "fashion-mnist-ddpm": "The DDPM (epsilon) teacher of the two students, in diffusers DDPMPipeline format.",
 }
 
