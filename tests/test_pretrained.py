@@ -2,8 +2,10 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
+from conftest import requires_fashion_mnist
 from diffusers import DDPMPipeline
 
 from cm_diffusers import load_teacher
@@ -43,12 +45,36 @@ def test_missing_shipped_model_is_a_clear_error(monkeypatch):
     assert set(SHIPPED_MODELS) >= {"fashion-mnist-cd", "fashion-mnist-ct", "fashion-mnist-ddpm"}
 
 
-def test_shipped_consistency_model_samples_offline_in_one_step():
+@requires_fashion_mnist
+@pytest.mark.parametrize("name", ["fashion-mnist-cd", "fashion-mnist-ct"])
+def test_shipped_consistency_models_sample_garments_in_one_step_and_denoise(name):
+    """Offline, by short name: one-step samples whose pixel distribution is Fashion-MNIST's (noise or a blank image
+    is far from it), and f(x + sigma z, sigma) much closer to real test images than the noisy input."""
     from cm_diffusers import ConsistencyPipeline
+    from cm_diffusers.evaluation import read_fashion_mnist
+    from cm_diffusers.losses import unet_forward
+    from cm_diffusers.parameterization import consistency_function
 
-    pipe = ConsistencyPipeline.from_pretrained("fashion-mnist-cd")
+    pipe = ConsistencyPipeline.from_pretrained(name)
     pipe.set_progress_bar_config(disable=True)
-    assert pipe.scheduler.config.num_train_timesteps == 18
     assert pipe.scheduler.config.sigma_min == pytest.approx(load_teacher("fashion-mnist-ddpm").sigma_min)
-    images = pipe(batch_size=4, generator=torch.Generator().manual_seed(0), output_type="np").images
-    assert images.shape == (4, 28, 28, 1) and images.std() > 0.05
+    images = pipe(batch_size=32, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (32, 28, 28, 1)
+    real = read_fashion_mnist("test")[:256].astype(np.float32) / 255
+
+    def pixel_w1(values):  # Wasserstein-1 distance between the pixel-value distributions
+        a = np.sort(values.ravel())
+        b = np.sort(real.ravel())[np.linspace(0, real.size - 1, a.size).astype(int)]
+        return float(np.abs(a - b).mean())
+
+    rng = np.random.default_rng(0)
+    assert pixel_w1(images) < 0.05
+    assert pixel_w1(rng.uniform(size=images.shape)) > 0.15 and pixel_w1(np.zeros(images.shape)) > 0.15
+
+    clean = torch.from_numpy(real[:32]).reshape(32, 1, 28, 28) * 2 - 1
+    network = unet_forward(pipe.unet)
+    for sigma in (0.5, 1.0):
+        noisy = clean + sigma * torch.randn(clean.shape, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            denoised = consistency_function(network, noisy, torch.full((32,), sigma), pipe.scheduler.config.sigma_min)
+        assert (denoised - clean).pow(2).mean() < 0.4 * (noisy - clean).pow(2).mean()

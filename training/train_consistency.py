@@ -20,6 +20,9 @@ Examples (one GPU, several with `--multi_gpu --num_processes N`; on CPU both for
     accelerate launch training/train_consistency.py --mode ect --teacher_model_name_or_path ddpm-fashion-mnist \
         --dataset_name fashion_mnist --output_dir ect-fashion-mnist --max_train_steps 10000
 
+`--denoiser_warmup_steps W` makes the first W steps a denoiser regression (onto the teacher's D in cd, onto the data
+otherwise) that gives a student started from a DDPM eps-model the consistency scalings before the consistency loss.
+
 The output folder is a `ConsistencyPipeline` (EMA weights, safetensors) with a model card and sample grids; the
 curriculum N(k), mu(k) and the data order are pure functions of the global step, so every rank agrees and a resumed
 run continues exactly where it stopped.
@@ -495,7 +498,7 @@ def main(args):
             p_std=args.p_std,
         )
     if args.mode != "cd" and args.denoiser_warmup_target != "teacher":
-        teacher = None  # ect only starts from its weights: free the memory
+        teacher = None  # past this point ect needs no teacher outputs, only its weights (copied above): free it
 
     # 3. Optimizer and learning-rate schedule (stepped once per optimizer step, so lr(k) is the same for any number
     # of processes; accelerate's prepared schedulers step once per process)
