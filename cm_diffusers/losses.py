@@ -236,6 +236,12 @@ class DataPointStep:
         return sample + append_dims(sigma_next, sample.ndim) * noise
 
 
+def teacher_denoised(teacher: Callable, x, sigma, class_labels=None, clip_denoised: bool = False) -> torch.Tensor:
+    """The teacher's D(x, sigma) in float32, clamped to [-1, 1] with `clip_denoised` (see `TeacherODEStep`)."""
+    denoised = teacher(x, sigma, class_labels=class_labels).float()
+    return denoised.clamp(-1, 1) if clip_denoised else denoised
+
+
 class TeacherODEStep:
     """CD: one Heun (default) or Euler step of the teacher's PF-ODE from sigma_n to sigma_{n+1}.
 
@@ -252,8 +258,7 @@ class TeacherODEStep:
 
     def __call__(self, x_n, sigma, sigma_next, sample, noise, class_labels=None):
         def denoise(x, sigma_b):
-            denoised = self.teacher(x, sigma_b.reshape(-1), class_labels=class_labels).float()
-            return denoised.clamp(-1, 1) if self.clip_denoised else denoised
+            return teacher_denoised(self.teacher, x, sigma_b.reshape(-1), class_labels, self.clip_denoised)
 
         sigma, sigma_next = append_dims(sigma, x_n.ndim), append_dims(sigma_next, x_n.ndim)
         if self.solver == "euler":
@@ -371,8 +376,7 @@ class DenoiserLoss:
             if self.teacher is None:
                 goal = sample.float()
             else:
-                goal = self.teacher(noisy, sigma, class_labels=class_labels).float()
-                goal = goal.clamp(-1, 1) if self.clip_denoised else goal
+                goal = teacher_denoised(self.teacher, noisy, sigma, class_labels, self.clip_denoised)
         denoised = consistency_function(
             student, noisy, sigma, self.sigma_min, self.sigma_data, class_labels=class_labels
         )

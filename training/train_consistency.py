@@ -470,33 +470,26 @@ def main(args):
             unet.parameters(), decay=args.ema_decay, foreach=True, model_cls=UNet2DModel, model_config=unet.config
         )
 
+    # noise levels and scalings shared by the consistency loss and the denoiser warm-up
+    noise_levels = dict(sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=args.sigma_data, p_mean=args.p_mean,
+                        p_std=args.p_std)  # fmt: skip
+    clip_denoised = teacher_clip_denoised(args.teacher_clip_denoised, teacher)
     loss_fn = build_loss(
         args.mode,
         make_distance(args.loss_type, args.huber_c, accelerator.device),
         teacher=teacher if args.mode == "cd" else None,
         ode_solver=args.ode_solver,
-        teacher_clip_denoised=teacher_clip_denoised(args.teacher_clip_denoised, teacher),
-        sigma_min=sigma_min,
-        sigma_max=sigma_max,
-        sigma_data=args.sigma_data,
+        teacher_clip_denoised=clip_denoised,
         rho=args.rho,
-        p_mean=args.p_mean,
-        p_std=args.p_std,
         q=args.ect_q,
         k=args.ect_k,
         b=args.ect_b,
+        **noise_levels,
     )
     warmup_loss_fn = None
     if warmup_steps:
-        warmup_loss_fn = DenoiserLoss(
-            teacher if args.denoiser_warmup_target == "teacher" else None,
-            clip_denoised=teacher_clip_denoised(args.teacher_clip_denoised, teacher),
-            sigma_min=sigma_min,
-            sigma_max=sigma_max,
-            sigma_data=args.sigma_data,
-            p_mean=args.p_mean,
-            p_std=args.p_std,
-        )
+        warmup_teacher = teacher if args.denoiser_warmup_target == "teacher" else None
+        warmup_loss_fn = DenoiserLoss(warmup_teacher, clip_denoised=clip_denoised, **noise_levels)
     if args.mode != "cd" and args.denoiser_warmup_target != "teacher":
         teacher = None  # past this point ect needs no teacher outputs, only its weights (copied above): free it
 
