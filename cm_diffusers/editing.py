@@ -23,6 +23,7 @@ from diffusers import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .parameterization import SIGMA_MIN
+from .sampling import consistency_sample
 
 LUMA_WEIGHTS = (0.2989, 0.5870, 0.1140)
 # Stroke-guided editing levels of the paper's LSUN Bedroom experiments (sigma_max = 80); other models scale them.
@@ -226,6 +227,7 @@ def consistency_edit(
     clamp: bool = True,
     latents: torch.Tensor | None = None,
     start_from_reference: bool = False,
+    s_noise: float = 1.0,
 ) -> torch.Tensor:
     """
     Zero-shot editing, Song et al. (2023) Algorithm 4.
@@ -244,6 +246,7 @@ def consistency_edit(
         start_from_reference (`bool`, defaults to `False`): Start from x = y + sigma_1 z with the whole reference
             instead of A^-1[(A y)(1 - Omega)]: stroke-guided editing (SDEdit) and denoising, where Omega = 1 would
             otherwise discard y.
+        s_noise (`float`, defaults to 1.0): Scale of the noise added between steps (the scheduler's `s_noise`).
 
     Returns:
         `torch.Tensor`: the edited images, projected after the last step (unclamped: the kept coefficients are y's).
@@ -266,19 +269,14 @@ def consistency_edit(
     if not start_from_reference:
         # y <- A^-1[(A y) * (1 - Omega)]: only the kept coefficients of the reference enter the first noisy sample
         y = transform.inverse(kept)
-    batch_size = y.shape[0]
     if latents is None:
         latents = randn_tensor(y.shape, generator=generator, device=y.device, dtype=y.dtype)
-    x = y + sigmas[0] * latents.to(device=y.device, dtype=y.dtype)
-    for i, sigma in enumerate(sigmas):
-        if i > 0:
-            noise = randn_tensor(y.shape, generator=generator, device=y.device, dtype=y.dtype)
-            x = x + math.sqrt(max(sigma**2 - sigma_min**2, 0.0)) * noise
-        x = consistency_fn(x, torch.full((batch_size,), sigma, device=y.device, dtype=torch.float32))
-        if clamp:
-            x = x.clamp(-1, 1)
-        x = project(x)
-    return x
+
+    def randn(shape):
+        return randn_tensor(shape, generator=generator, device=y.device, dtype=y.dtype)
+
+    return consistency_sample(consistency_fn, latents.to(device=y.device, dtype=y.dtype), sigmas, sigma_min,
+                              s_noise, clamp, randn=randn, start=y, project=project)
 
 
 def _check_sigmas(sigmas, sigma_min: float) -> list:
@@ -364,8 +362,10 @@ def image_to_tensor(image, input_range=(0.0, 1.0)) -> torch.Tensor:
     elif tensor.dtype == torch.bool or not tensor.dtype.is_floating_point:
         raise ValueError(f"Images must be float or uint8, got dtype {tensor.dtype}.")
     tensor = tensor.float().cpu()
+    if not torch.isfinite(tensor).all():
+        raise ValueError("The image contains NaN or infinite values; pass finite pixel values.")
     tolerance = 1e-4 * (hi - lo)
-    if not torch.isfinite(tensor).all() or tensor.min() < lo - tolerance or tensor.max() > hi + tolerance:
+    if tensor.min() < lo - tolerance or tensor.max() > hi + tolerance:
         raise ValueError(
             f"Image values span [{tensor.min().item():.4g}, {tensor.max().item():.4g}], outside input_range=({lo}, "
             f"{hi}); pass `input_range=(-1, 1)` for images in the model's space."
@@ -450,6 +450,9 @@ class ConsistencyEditingMixin:
         tensor = image_to_tensor(image, input_range)
         if tensor.shape[1] != channels and not (allow_gray and tensor.shape[1] == 1):
             hint = " (convert it with `.convert('L')`)" if channels == 1 else " (convert it with `.convert('RGB')`)"
+            if isinstance(image, np.ndarray) and image.ndim in (3, 4) and image.shape[-3] == channels:
+                hint = (" (numpy images are read channels-last, HWC or BHWC; this looks like CHW: pass "
+                        "`array.transpose(1, 2, 0)`, or a torch tensor, which is read as CHW)")
             raise ValueError(
                 f"The {what} has {tensor.shape[1]} channel(s), but this model works on {channels}{hint}."
             )
@@ -478,11 +481,12 @@ class ConsistencyEditingMixin:
         """Algorithm 4 with this pipeline's consistency function, then post-processing."""
 
         def consistency_fn(x, sigma):
-            return self.consistency_function(x, sigma, class_labels=class_labels)
+            return self.denoise_raw(x, sigma, class_labels=class_labels)
 
+        config = self.scheduler.config
         sample = consistency_edit(
-            consistency_fn, y, transform, mask, sigmas, generator=generator,
-            sigma_min=self.scheduler.config.sigma_min, **edit_kwargs,
+            consistency_fn, y, transform, mask, sigmas, generator=generator, sigma_min=config.sigma_min,
+            s_noise=config.s_noise, **edit_kwargs,
         )
         images = self.postprocess(sample, output_type)
         self.maybe_free_model_hooks()
@@ -770,9 +774,9 @@ class ConsistencyEditingMixin:
         labels = self.prepare_class_labels(batch_size, class_labels, generator, device)
         labels = labels.repeat(len(alphas)) if labels is not None else None
         sigma_schedule = self._edit_sigmas(num_inference_steps, timesteps, sigmas, default_steps=1)
-        # Algorithm 1 is Algorithm 4 with y = 0 and Omega = 1: x = sigma_0 z, f, re-noise, f, ...
-        return self._run_edit(torch.zeros_like(frames), IdentityTransform(), None, sigma_schedule, labels, generator,
-                              output_type, return_dict, latents=frames)
+        images = self.postprocess(self.sample(frames, sigma_schedule, labels, generator), output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
 
     @torch.no_grad()
     def edit(

@@ -74,6 +74,18 @@ def consistency_output(model_output, sample, sigma, sigma_min=SIGMA_MIN, sigma_d
     return c_skip * sample + c_out * model_output
 
 
+def clamp_denoised(denoised: torch.Tensor, clip: bool = True) -> torch.Tensor:
+    """The denoised sample clamped to the data range [-1, 1] when `clip` (the schedulers' `clip_denoised`)."""
+    return denoised.clamp(-1, 1) if clip else denoised
+
+
+def renoise(denoised: torch.Tensor, sigma_next, noise: torch.Tensor, sigma_min=SIGMA_MIN, s_noise: float = 1.0):
+    """Algorithm 1, line 5: x = x0 + s_noise sqrt(sigma_next^2 - eps^2) z, which puts x0 at noise level sigma_next."""
+    variance = sigma_next**2 - sigma_min**2
+    std = variance.clamp(min=0) ** 0.5 if isinstance(variance, torch.Tensor) else math.sqrt(max(variance, 0.0))
+    return denoised + noise * (s_noise * std)
+
+
 def append_dims(x: torch.Tensor, target_ndim: int) -> torch.Tensor:
     """Views a per-sample tensor of shape (B,) as (B, 1, 1, 1) for broadcasting over images."""
     return x.reshape(x.shape + (1,) * (target_ndim - x.ndim))

@@ -10,13 +10,16 @@ import json
 import os
 from typing import Callable
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import deprecate
 from diffusers.utils.torch_utils import randn_tensor
 
 from .editing import ConsistencyEditingMixin
-from .parameterization import consistency_function
+from .parameterization import clamp_denoised, consistency_function, sigma_to_t
+from .sampling import consistency_sample, consistency_schedule
 from .scheduling_consistency import ConsistencyScheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -65,6 +68,8 @@ class ConsistencyPipeline(ConsistencyEditingMixin, DiffusionPipeline):
         from .shipped_models import resolve_pretrained
 
         path = resolve_pretrained(pretrained_model_name_or_path)
+        _check_safetensors_weights(path)
+        kwargs.setdefault("use_safetensors", True)  # never unpickle weights from a repo
         config_kwargs = {k: kwargs[k] for k in ("cache_dir", "token", "revision", "local_files_only") if k in kwargs}
         index = cls.load_config(path, **config_kwargs)
         _check_is_consistency_model(index, str(pretrained_model_name_or_path))
@@ -102,12 +107,13 @@ class ConsistencyPipeline(ConsistencyEditingMixin, DiffusionPipeline):
         return (batch_size, self.unet.config.in_channels, height, width)
 
     def sampling_sigmas(self, num_inference_steps=None, timesteps=None, sigmas=None) -> torch.Tensor:
-        """The descending noise levels a schedule evaluates the model at (one per NFE), validated by the scheduler."""
-        self.scheduler.set_timesteps(num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas)
-        return self.scheduler.sigmas[:-1].clone()
+        """The descending noise levels a schedule evaluates the model at (one per NFE), validated; a pure function of
+        the request and the scheduler config (the shared scheduler is not touched, so concurrent calls are safe)."""
+        schedule = consistency_schedule(self.scheduler.config, num_inference_steps, timesteps, sigmas)
+        return torch.from_numpy(schedule.astype(np.float32))
 
-    def consistency_function(self, sample: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
-        """f(x, sigma) with the scheduler's scalings, clamped to [-1, 1] when `clip_denoised`; sigma: float or (B,)."""
+    def denoise_raw(self, sample: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
+        """f(x, sigma) with the scheduler's scalings, unclamped; sigma: float or (B,)."""
         config = self.scheduler.config
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=sample.device)
         sigma = sigma.expand(sample.shape[0]) if sigma.ndim == 0 else sigma
@@ -118,8 +124,36 @@ class ConsistencyPipeline(ConsistencyEditingMixin, DiffusionPipeline):
             return self.unet(scaled.to(unet_dtype), t, return_dict=False, **cond)[0].to(sample.dtype)
 
         cond = {"class_labels": class_labels} if class_labels is not None else {}
-        denoised = consistency_function(network, sample, sigma, config.sigma_min, config.sigma_data, **cond)
-        return denoised.clamp(-1, 1) if config.clip_denoised else denoised
+        return consistency_function(network, sample, sigma, config.sigma_min, config.sigma_data, **cond)
+
+    def consistency_function(self, sample: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
+        """f(x, sigma) with the scheduler's scalings, clamped to [-1, 1] when `clip_denoised`; sigma: float or (B,)."""
+        return clamp_denoised(self.denoise_raw(sample, sigma, class_labels), self.scheduler.config.clip_denoised)
+
+    def prepare_latents(self, batch_size: int, generator=None, latents=None) -> torch.Tensor:
+        """Standard normal noise of the model's sample shape, drawn from `generator` (or the given `latents`)."""
+        device, dtype = self._device_and_dtype()
+        if latents is None:
+            return randn_tensor(self.sample_shape(batch_size), generator=generator, device=device, dtype=dtype)
+        return latents.to(device=device, dtype=dtype)
+
+    def sample(self, latents, sigmas, class_labels=None, generator=None, randn=None, callback=None) -> torch.Tensor:
+        """
+        Algorithm 1 on a batch: samples in the model's space [-1, 1] from standard normal `latents` over the
+        descending `sigmas` (from [`~ConsistencyPipeline.sampling_sigmas`]). The noise between steps comes from
+        `randn(shape)` when given (see [`cm_diffusers.sampling.grouped_randn`]), else from `generator`.
+        `callback(i, sigma, x, denoised)` runs after each step, as in [`cm_diffusers.sampling.consistency_sample`].
+        """
+        config = self.scheduler.config
+        if randn is None:
+            def randn(shape):
+                return randn_tensor(shape, generator=generator, device=latents.device, dtype=latents.dtype)
+
+        def f(x, sigma):
+            return self.denoise_raw(x, sigma, class_labels)
+
+        return consistency_sample(f, latents, sigmas, config.sigma_min, config.s_noise, config.clip_denoised,
+                                  randn=randn, callback=callback)
 
     def prepare_class_labels(self, batch_size: int, class_labels=None, generator=None, device=None):
         """Class labels as a (B,) long tensor for a class-conditional UNet; random ones come from `generator`."""
@@ -164,16 +198,30 @@ class ConsistencyPipeline(ConsistencyEditingMixin, DiffusionPipeline):
                 return param.device, param.dtype
         return self._execution_device, self.unet.dtype
 
-    def check_inputs(self, batch_size, latents, output_type, callback_on_step_end_tensor_inputs):
-        if not isinstance(batch_size, int) or batch_size < 1:
+    def check_inputs(self, batch_size, latents, generator, output_type, callback_on_step_end_tensor_inputs,
+                     callback_steps=1):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        if isinstance(generator, list) and len(generator) not in (1, batch_size):
+            raise ValueError(
+                f"You have passed a list of generators of length {len(generator)}, but requested an effective batch "
+                f"size of {batch_size}. Make sure the batch size matches the length of the generators."
+            )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"Unknown output_type={output_type!r}; choose one of {OUTPUT_TYPES}.")
         expected = self.sample_shape(batch_size)
-        if latents is not None and tuple(latents.shape) != expected:
+        if latents is not None:
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
+                raise ValueError(
+                    f"`latents` have shape {tuple(getattr(latents, 'shape', ()))}, but this model needs {expected} "
+                    "(batch_size, unet.config.in_channels, *unet.config.sample_size)."
+                )
+            if not torch.isfinite(latents).all():
+                raise ValueError("`latents` contain NaN or infinite values; pass standard normal noise.")
+        if isinstance(callback_steps, bool) or not isinstance(callback_steps, (int, np.integer)) or callback_steps < 1:
             raise ValueError(
-                f"`latents` have shape {tuple(latents.shape)}, but this model needs {expected} "
-                "(batch_size, unet.config.in_channels, *unet.config.sample_size)."
+                f"`callback_steps` has to be a positive integer but is {callback_steps} of type "
+                f"{type(callback_steps)}."
             )
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
@@ -181,6 +229,11 @@ class ConsistencyPipeline(ConsistencyEditingMixin, DiffusionPipeline):
                 f"`callback_on_step_end_tensor_inputs` {sorted(unknown)} are not available; choose from "
                 f"{self._callback_tensor_inputs}."
             )
+
+    @property
+    def num_timesteps(self) -> int:
+        """The number of network evaluations of the last call (diffusers' name; `callback_on_step_end` uses it)."""
+        return self._num_timesteps
 
     # ------------------------------------------------------------------------------------------------------------
     # Generation
@@ -199,6 +252,8 @@ class ConsistencyPipeline(ConsistencyEditingMixin, DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        callback: Callable | None = None,
+        callback_steps: int = 1,
     ) -> ImagePipelineOutput | tuple:
         r"""
         Generates images (Algorithm 1 of Song et al. 2023).
@@ -222,39 +277,50 @@ class ConsistencyPipeline(ConsistencyEditingMixin, DiffusionPipeline):
                 `callback_on_step_end_tensor_inputs` (`"latents"`, `"denoised"`); a returned dict may replace
                 `latents`.
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`).
+            callback (`Callable`, *optional*): Deprecated (use `callback_on_step_end`), as in diffusers'
+                `ConsistencyModelPipeline`: called as `callback(i, t, latents)` every `callback_steps` steps.
+            callback_steps (`int`, defaults to 1): How often `callback` is called.
 
         Returns:
             [`ImagePipelineOutput`] or `tuple`: the images.
         """
         # 1. Check inputs
-        self.check_inputs(batch_size, latents, output_type, callback_on_step_end_tensor_inputs)
+        self.check_inputs(batch_size, latents, generator, output_type, callback_on_step_end_tensor_inputs,
+                          callback_steps)
+        if callback is not None:
+            deprecate("callback", "1.0.0", "Passing `callback` to `__call__` is deprecated, consider using "
+                      "`callback_on_step_end`.")
         if timesteps is not None or sigmas is not None:
             num_inference_steps = None
-        device, dtype = self._device_and_dtype()
+        batch_size = int(batch_size)
+        device = self._device_and_dtype()[0]
 
-        # 2. Noise levels (the scheduler validates them and keeps sigmas on the host)
-        self.scheduler.set_timesteps(num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
-                                     device=device)
-        self.scheduler.set_begin_index(0)  # no timestep lookup, hence no host-device sync, in the loop
-        schedule = self.scheduler.timesteps
+        # 2. Noise levels: a validated schedule as a value; the shared scheduler is not mutated
+        sigma_schedule = self.sampling_sigmas(num_inference_steps, timesteps, sigmas)
+        schedule_timesteps = torch.from_numpy(sigma_to_t(sigma_schedule.double().numpy())).to(device, torch.float32)
+        self._num_timesteps = len(sigma_schedule)
 
-        # 3. Initial noise x = sigma_0 * z and class labels
-        if latents is None:
-            latents = randn_tensor(self.sample_shape(batch_size), generator=generator, device=device, dtype=dtype)
-        sample = latents.to(device=device, dtype=dtype) * self.scheduler.sigmas[0].item()
+        # 3. Initial noise z (scaled by sigma_0 in the loop) and class labels
+        latents = self.prepare_latents(batch_size, generator, latents)
         class_labels = self.prepare_class_labels(batch_size, class_labels, generator, device)
 
         # 4. Consistency steps: denoise, then re-noise to the next level
-        for i, t in enumerate(self.progress_bar(schedule)):
-            model_input = self.scheduler.scale_model_input(sample, t)
-            model_output = self.unet(model_input, t, class_labels=class_labels, return_dict=False)[0]
-            sample, denoised = self.scheduler.step(model_output, t, sample, generator=generator, return_dict=False)
-            if callback_on_step_end is not None:
-                tensors = {"latents": sample, "denoised": denoised}
-                callback_outputs = callback_on_step_end(
-                    self, i, t, {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
-                )
-                sample = (callback_outputs or {}).get("latents", sample)
+        with self.progress_bar(total=len(sigma_schedule)) as progress_bar:
+
+            def on_step_end(i, sigma, sample, denoised):
+                t = schedule_timesteps[i]
+                if callback_on_step_end is not None:
+                    tensors = {"latents": sample, "denoised": denoised}
+                    outputs = callback_on_step_end(
+                        self, i, t, {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
+                    )
+                    sample = (outputs or {}).get("latents", sample)
+                if callback is not None and i % callback_steps == 0:
+                    callback(i, t, sample)
+                progress_bar.update()
+                return sample
+
+            sample = self.sample(latents, sigma_schedule, class_labels, generator, callback=on_step_end)
 
         # 5. Post-process
         image = self.postprocess(sample, output_type)
@@ -279,6 +345,25 @@ def _rewrite_json(path: str, updates: dict):
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_safetensors_weights(path):
+    """A local folder whose network weights exist only as pickles is refused before anything is unpickled."""
+    folder = os.path.join(str(path), "unet")
+    if not os.path.isdir(folder):
+        return
+    files = os.listdir(folder)
+    pickles = sorted(name for name in files if name.endswith(_PICKLE_SUFFIXES))
+    if pickles and not any(name.endswith(".safetensors") for name in files):
+        raise ValueError(
+            f"{folder} holds weights only as pickle files ({', '.join(pickles)}), which can run code when loaded; "
+            "cm_diffusers loads safetensors only. If you trust the file, convert it once with "
+            "`UNet2DModel.from_pretrained(folder, use_safetensors=False).save_pretrained(folder)` "
+            "(diffusers unpickles with weights_only=True), then load the folder again."
+        )
 
 
 def _check_is_consistency_model(index: dict, name: str):

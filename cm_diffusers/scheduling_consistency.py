@@ -18,12 +18,14 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .parameterization import (
     boundary_scalings,
+    clamp_denoised,
     consistency_output,
     karras_sigmas,
+    renoise,
     sigma_to_t,
     t_to_sigma,
-    timesteps_to_sigmas,
 )
+from .sampling import consistency_schedule
 
 
 @dataclass
@@ -143,71 +145,10 @@ class ConsistencyScheduler(SchedulerMixin, ConfigMixin):
             sigmas (`list[float]`, *optional*):
                 Strictly descending noise levels within [`sigma_min`, `sigma_max`] (e.g. for iCT/ECT models).
         """
-        given = [name for name, value in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
-                                          ("sigmas", sigmas)) if value is not None]
-        if len(given) != 1:
-            raise ValueError(
-                "Pass exactly one of `num_inference_steps`, `timesteps` or `sigmas` to `set_timesteps`, got "
-                f"{given or 'none'}."
-            )
-        n_train = self.config.num_train_timesteps
-        if num_inference_steps is not None:
-            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
-                raise ValueError(f"`num_inference_steps` must be an integer, got {num_inference_steps!r}.")
-            if not 1 <= num_inference_steps <= n_train:
-                raise ValueError(
-                    f"`num_inference_steps` must be between 1 and num_train_timesteps={n_train}, got "
-                    f"{num_inference_steps}; pass explicit `sigmas` for a finer schedule."
-                )
-            step_ratio = n_train // num_inference_steps
-            indices = (np.arange(0, num_inference_steps) * step_ratio).round()[::-1].astype(np.int64)
-            new_sigmas = timesteps_to_sigmas(indices, n_train, self.config.sigma_min, self.config.sigma_max,
-                                             self.config.rho)
-            self.custom_timesteps = False
-        elif timesteps is not None:
-            indices = self._validate_timesteps(timesteps)
-            new_sigmas = timesteps_to_sigmas(indices, n_train, self.config.sigma_min, self.config.sigma_max,
-                                             self.config.rho)
-            self.custom_timesteps = True
-        else:
-            new_sigmas = self._validate_sigmas(sigmas)
-            self.custom_timesteps = True
+        new_sigmas = consistency_schedule(self.config, num_inference_steps, timesteps, sigmas)
+        self.custom_timesteps = num_inference_steps is None
         self.num_inference_steps = len(new_sigmas)
         self._set_sigmas(new_sigmas, device=device, final=True)
-
-    def _validate_timesteps(self, timesteps) -> np.ndarray:
-        values = timesteps.tolist() if isinstance(timesteps, (torch.Tensor, np.ndarray)) else list(timesteps)
-        if len(values) == 0:
-            raise ValueError("`timesteps` is empty; pass at least one grid index, e.g. [0] for one step.")
-        if any(isinstance(v, bool) or float(v) != int(v) for v in values):
-            raise ValueError(
-                f"`timesteps` must be integer indices into the {self.config.num_train_timesteps}-point training "
-                f"grid (e.g. [22, 0]), got {values}; pass `sigmas` for arbitrary noise levels."
-            )
-        indices = np.asarray([int(v) for v in values], dtype=np.int64)
-        if np.any(indices[1:] >= indices[:-1]):
-            raise ValueError(f"`timesteps` must be strictly descending (e.g. [22, 0]), got {indices.tolist()}.")
-        if indices[0] >= self.config.num_train_timesteps or indices[-1] < 0:
-            raise ValueError(
-                f"`timesteps` must lie in [0, {self.config.num_train_timesteps - 1}] "
-                f"(num_train_timesteps={self.config.num_train_timesteps}), got {indices.tolist()}."
-            )
-        return indices
-
-    def _validate_sigmas(self, sigmas) -> np.ndarray:
-        values = np.asarray(sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas, dtype=np.float64)
-        if values.ndim != 1 or values.size == 0 or not np.all(np.isfinite(values)):
-            raise ValueError(f"`sigmas` must be a non-empty 1-D list of finite noise levels, got {sigmas!r}.")
-        if np.any(values[1:] >= values[:-1]):
-            raise ValueError(f"`sigmas` must be strictly descending, got {values.tolist()}.")
-        lo, hi = self.config.sigma_min, self.config.sigma_max
-        tol = 1e-6 * hi  # float32 round trips of the end points must not be rejected
-        if values[-1] < lo - 1e-9 or values[0] > hi + tol:
-            raise ValueError(
-                f"`sigmas` must lie within [sigma_min={lo}, sigma_max={hi}] of this scheduler, got "
-                f"[{values[-1]}, {values[0]}]."
-            )
-        return np.clip(values, lo, hi)
 
     def _set_sigmas(self, sigmas: np.ndarray, device, final: bool):
         # Timesteps are computed in float64 and handed to the model as float32: a UNet never sees float64, and
@@ -283,14 +224,13 @@ class ConsistencyScheduler(SchedulerMixin, ConfigMixin):
 
         sigma, sigma_next = self.sigmas[self._step_index], self.sigmas[self._step_index + 1]
         denoised = consistency_output(model_output, sample, sigma, self.config.sigma_min, self.config.sigma_data)
-        if self.config.clip_denoised:
-            denoised = denoised.clamp(-1, 1)
+        denoised = clamp_denoised(denoised, self.config.clip_denoised)
 
         if self._step_index + 1 < len(self.timesteps):
             noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                                  dtype=model_output.dtype)
             sigma_next = sigma_next.clamp(self.config.sigma_min, self.config.sigma_max)
-            prev_sample = denoised + noise * self.config.s_noise * (sigma_next**2 - self.config.sigma_min**2) ** 0.5
+            prev_sample = renoise(denoised, sigma_next, noise, self.config.sigma_min, self.config.s_noise)
         else:
             prev_sample = denoised  # the final step: no noise is drawn
 
