@@ -17,8 +17,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import deprecate
 from diffusers.utils.torch_utils import randn_tensor
 
-from .editing import ConsistencyEditingMixin
 from .parameterization import clamp_denoised, consistency_function, sigma_to_t
+from .pipeline_editing import ConsistencyEditingMixin
 from .sampling import consistency_sample, consistency_schedule
 from .scheduling_consistency import ConsistencyScheduler
 
