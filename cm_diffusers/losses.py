@@ -275,15 +275,6 @@ def unit_weight(sigma, sigma_next):
     return torch.ones_like(sigma)
 
 
-def unet_forward(unet: torch.nn.Module) -> Callable:
-    """A diffusers UNet2DModel as the raw network F(x_in, t, class_labels=None) -> output."""
-
-    def forward(x_in, t, class_labels=None):
-        return unet(x_in, t, class_labels=class_labels, return_dict=False)[0]
-
-    return forward
-
-
 def shared_dropout(device: torch.device):
     """Forks the RNG of `device` (CPU always included): what runs inside leaves the RNG as it found it."""
     device = torch.device(device)
@@ -318,8 +309,8 @@ class ConsistencyLoss:
     def __call__(self, student: Callable, target: Callable, sample: torch.Tensor, levels: Levels, class_labels=None):
         """Returns the loss (float32 scalar) and a dict of detached per-batch statistics for logging.
 
-        `student` and `target` are raw networks F(x_in, t, class_labels=None) (see `unet_forward`); the target may be
-        the student itself (mu = 0: stop-gradient of the online network).
+        `student` and `target` are raw networks F(x_in, t, class_labels=None) (see `networks.unet_forward`); the
+        target may be the student itself (mu = 0: stop-gradient of the online network).
         """
         cond = {"class_labels": class_labels}
         sigma, sigma_next = self.sample_sigmas(sample.shape[0], levels, device=sample.device)

@@ -16,7 +16,7 @@ SIGMA_MAX = 80.0
 SIGMA_DATA = 0.5
 RHO = 7.0
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+DenoiserFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # D(x, sigma) -> denoised
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -148,7 +148,7 @@ def euler_step(x, sigma, sigma_next, denoised):
     return x + (sigma_next - sigma) * d
 
 
-def heun_step(denoiser: Denoiser, x, sigma, sigma_next, denoised=None):
+def heun_step(denoiser: DenoiserFn, x, sigma, sigma_next, denoised=None):
     """One Heun (2nd-order) step of the PF-ODE, Karras et al. (2022) Algorithm 1; Euler when sigma_next = 0."""
     if denoised is None:
         denoised = denoiser(x, sigma)

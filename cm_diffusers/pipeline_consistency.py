@@ -17,6 +17,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import deprecate
 from diffusers.utils.torch_utils import randn_tensor
 
+from .networks import unet_forward
 from .parameterization import clamp_denoised, consistency_function, sigma_to_t
 from .pipeline_editing import ConsistencyEditingMixin
 from .sampling import consistency_sample, consistency_schedule
@@ -118,13 +119,9 @@ class ConsistencyPipeline(ConsistencyEditingMixin, DiffusionPipeline):
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=sample.device)
         sigma = sigma.expand(sample.shape[0]) if sigma.ndim == 0 else sigma
 
-        unet_dtype = self._device_and_dtype()[1]
-
-        def network(scaled, t, **cond):
-            return self.unet(scaled.to(unet_dtype), t, return_dict=False, **cond)[0].to(sample.dtype)
-
-        cond = {"class_labels": class_labels} if class_labels is not None else {}
-        return consistency_function(network, sample, sigma, config.sigma_min, config.sigma_data, **cond)
+        network = unet_forward(self.unet, dtype=self._device_and_dtype()[1])
+        return consistency_function(network, sample, sigma, config.sigma_min, config.sigma_data,
+                                    class_labels=class_labels)
 
     def consistency_function(self, sample: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
         """f(x, sigma) with the scheduler's scalings, clamped to [-1, 1] when `clip_denoised`; sigma: float or (B,)."""

@@ -23,9 +23,9 @@ from cm_diffusers.losses import (
     l1,
     l2,
     make_distance,
-    unet_forward,
     unit_weight,
 )
+from cm_diffusers.networks import unet_forward
 from cm_diffusers.parameterization import (
     boundary_scalings,
     consistency_function,

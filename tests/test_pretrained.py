@@ -52,7 +52,7 @@ def test_shipped_consistency_models_sample_garments_in_one_step_and_denoise(name
     is far from it), and f(x + sigma z, sigma) much closer to real test images than the noisy input."""
     from cm_diffusers import ConsistencyPipeline
     from cm_diffusers.evaluation import read_fashion_mnist
-    from cm_diffusers.losses import unet_forward
+    from cm_diffusers.networks import unet_forward
     from cm_diffusers.parameterization import consistency_function
 
     pipe = ConsistencyPipeline.from_pretrained(name)
