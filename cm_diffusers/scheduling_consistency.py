@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, deprecate
 from diffusers.utils.torch_utils import randn_tensor
 
 from .parameterization import (
@@ -245,30 +245,42 @@ class ConsistencyScheduler(SchedulerMixin, ConfigMixin):
         noise: torch.Tensor,
         timesteps: torch.Tensor | None = None,
         sigmas: torch.Tensor | None = None,
+        grid_indices: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
-        x_sigma = x + sigma * noise at any noise levels, not only those of the current schedule.
+        x_sigma = x + sigma * noise at any noise levels, not only those of the current schedule. Pass exactly one of
+        `timesteps`, `sigmas` or `grid_indices`.
 
         Args:
             original_samples (`torch.Tensor`): Clean samples x, shape (B, ...).
             noise (`torch.Tensor`): Standard normal noise of the same shape.
-            timesteps (`torch.Tensor`, *optional*): Per-sample (or one shared) network times t = 250 ln(sigma),
-                as in `scheduler.timesteps` (floats), or integer indices into the training grid (0 = sigma_max).
-            sigmas (`torch.Tensor`, *optional*): Per-sample (or one shared) noise levels; instead of `timesteps`.
+            timesteps (`torch.Tensor`, *optional*): Per-sample (or one shared) network times t = 250 ln(sigma), as in
+                `scheduler.timesteps` (diffusers' meaning). Integer tensors are still read as grid indices, with a
+                deprecation warning: pass them as `grid_indices`.
+            sigmas (`torch.Tensor`, *optional*): Per-sample (or one shared) noise levels.
+            grid_indices (`torch.Tensor`, *optional*): Integer indices into the `num_train_timesteps`-point training
+                grid (0 = sigma_max).
         """
-        if (timesteps is None) == (sigmas is None):
-            raise ValueError("Pass exactly one of `timesteps` or `sigmas` to `add_noise`.")
-        if sigmas is None:
+        given = [name for name, value in (("timesteps", timesteps), ("sigmas", sigmas), ("grid_indices", grid_indices))
+                 if value is not None]
+        if len(given) != 1:
+            raise ValueError(f"Pass exactly one of `timesteps`, `sigmas` or `grid_indices` to add_noise, got {given}.")
+        if timesteps is not None:
             timesteps = torch.as_tensor(timesteps, device=original_samples.device)
             if torch.is_floating_point(timesteps):
                 sigmas = t_to_sigma(timesteps.double())
             else:
-                n_train = self.config.num_train_timesteps
-                if (timesteps < 0).any() or (timesteps >= n_train).any():
-                    raise ValueError(f"Integer `timesteps` are grid indices and must lie in [0, {n_train - 1}].")
-                grid = torch.from_numpy(karras_sigmas(n_train, self.config.sigma_min, self.config.sigma_max,
-                                                      self.config.rho)).to(original_samples.device)
-                sigmas = grid[timesteps]
+                deprecate("integer timesteps in add_noise", "1.0.0", "Integer `timesteps` in `add_noise` are read as "
+                          "training-grid indices; pass them as `grid_indices=` (`timesteps` means t = 250 ln sigma).")
+                grid_indices = timesteps
+        if grid_indices is not None:
+            grid_indices = torch.as_tensor(grid_indices, device=original_samples.device)
+            n_train = self.config.num_train_timesteps
+            if torch.is_floating_point(grid_indices) or (grid_indices < 0).any() or (grid_indices >= n_train).any():
+                raise ValueError(f"`grid_indices` must be integers in [0, {n_train - 1}].")
+            grid = torch.from_numpy(karras_sigmas(n_train, self.config.sigma_min, self.config.sigma_max,
+                                                  self.config.rho)).to(original_samples.device)
+            sigmas = grid[grid_indices]
         sigmas = torch.as_tensor(sigmas, device=original_samples.device).to(original_samples.dtype).flatten()
         if sigmas.numel() not in (1, original_samples.shape[0]):
             raise ValueError(

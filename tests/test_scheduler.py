@@ -92,8 +92,15 @@ def test_add_noise_accepts_levels_outside_the_schedule():
     t = scheduler.sigma_to_t(sigmas)  # float times never seen by this schedule
     torch.testing.assert_close(scheduler.add_noise(clean, noise, t)[:, 0, 0, 0], sigmas, rtol=1e-5, atol=0)
     grid = karras_sigmas(40)
-    out = scheduler.add_noise(clean, noise, torch.tensor([0, 22, 39]))  # integer grid indices
+    out = scheduler.add_noise(clean, noise, grid_indices=torch.tensor([0, 22, 39]))
     np.testing.assert_allclose(out[:, 0, 0, 0].numpy(), grid[[0, 22, 39]], rtol=1e-6)
+    with pytest.warns(FutureWarning, match="grid_indices"):  # the old spelling still works, with a warning
+        legacy = scheduler.add_noise(clean, noise, torch.tensor([0, 22, 39]))
+    torch.testing.assert_close(legacy, out, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="exactly one"):
+        scheduler.add_noise(clean, noise, sigmas=sigmas, grid_indices=torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"\[0, 39\]"):
+        scheduler.add_noise(clean, noise, grid_indices=torch.tensor([0, 1, 40]))
 
 
 def test_explicit_sigmas_schedule():
