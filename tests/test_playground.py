@@ -1,0 +1,284 @@
+"""The web playground in a real browser: `cm-diffusers serve --ui` (real Ray Serve, real HTTP on loopback), driven by
+headless Debian Chromium through selenium. Screenshots land in the test's temporary folder (and in
+$CM_DIFFUSERS_SCREENSHOT_DIR when set, which is how docs/images/playground-*.png are made)."""
+
+import base64
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+MODEL = "fashion-mnist-cd"
+MODEL_SIZE = (28, 28)
+API_KEY = "playground-test-key"
+SERVER_START_S = 300
+WAIT_S = 120
+
+selenium = pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[test]')")
+pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install -e '.[serve]')")
+if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
+    pytest.skip("Debian's chromium and chromium-driver are not installed (`make browser`, or "
+                "`apt-get install -y chromium chromium-driver`)", allow_module_level=True)
+
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 5.0):
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def _stop(process: subprocess.Popen):
+    """End the server's process group (the command, and the local Ray instance it started), and nothing else."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGINT)  # the serve command shuts Ray Serve down gracefully on SIGINT
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        time.sleep(3)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("playground_server")
+    key_file = folder / "keys.txt"
+    key_file.write_text(API_KEY + "\n")
+    port = _free_port()
+    log = open(folder / "server.log", "wb")
+    command = [sys.executable, "-m", "cm_diffusers.cli", "serve", "--model", MODEL, "--host", "127.0.0.1",
+               "--port", str(port), "--api_key_file", str(key_file), "--ui"]
+    # Its own process group, so that the teardown ends exactly what this test started.
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"`cm-diffusers serve --ui` exited with {process.returncode}:\n"
+                            + (folder / "server.log").read_text(errors="replace")[-4000:])
+            try:
+                if _get(url + "/readyz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the server was not ready within {SERVER_START_S} s:\n"
+                            + (folder / "server.log").read_text(errors="replace")[-4000:])
+            time.sleep(2)
+        yield url
+    finally:
+        _stop(process)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    profile = tmp_path_factory.mktemp("chromium_profile")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    # Debian's chromium as root on a machine with a closed network: these flags keep it from phoning home.
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1280,1000"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("screenshots")
+    extra = os.environ.get("CM_DIFFUSERS_SCREENSHOT_DIR")
+
+    def save(driver, name):
+        path = folder / f"playground-{name}.png"
+        assert driver.save_screenshot(str(path)), f"could not save the screenshot {path}"
+        if extra:
+            os.makedirs(extra, exist_ok=True)
+            shutil.copy(path, os.path.join(extra, path.name))
+        return path
+
+    return save
+
+
+def _decode(src: str) -> np.ndarray:
+    from PIL import Image
+
+    assert src.startswith("data:image/png;base64,"), f"not a PNG data URL: {src[:60]!r}"
+    with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as image:
+        return np.asarray(image.convert("L"), dtype=np.int16)
+
+
+def _wait_for_image(driver, container_id: str) -> np.ndarray:
+    image = WebDriverWait(driver, WAIT_S).until(
+        EC.presence_of_element_located((By.CSS_SELECTOR, f"#{container_id} img")),
+        message=f"no image appeared in #{container_id}; page errors: {_errors(driver)}")
+    return _decode(image.get_attribute("src"))
+
+
+def _errors(driver) -> str:
+    return " | ".join(e.text for e in driver.find_elements(By.CSS_SELECTOR, ".error") if e.text)
+
+
+def _set(driver, element_id: str, value):
+    element = driver.find_element(By.ID, element_id)
+    element.clear()
+    element.send_keys(str(value))
+
+
+def _open(driver, url: str):
+    driver.get(url + "/ui")
+    WebDriverWait(driver, WAIT_S).until(
+        lambda d: "28×28" in d.find_element(By.ID, "model-info").text or _errors(d),
+        message="the page did not load the model's description")
+
+
+def _assert_no_stack_trace(driver):
+    source = driver.page_source
+    for marker in ("Traceback", 'File "/', "site-packages"):
+        assert marker not in source, f"the page shows a stack trace or a path ({marker!r})"
+
+
+def test_page_is_served_without_a_key(server):
+    status, body = _get(server + "/ui/")
+    assert status == 200 and b'id="generate"' in body
+    status, _ = _get(server + "/v1/models")
+    assert status == 401, "the API itself still needs a key"
+    status, body = _get(server + "/ui/samples/boot.png")
+    assert status == 200 and body.startswith(b"\x89PNG")
+    assert _get(server + "/ui/samples/..%2Fplayground.html")[0] == 404
+
+
+def test_generate_tab(server, browser, screenshots):
+    browser.get(server + "/ui")
+    # A wrong key: a readable message on the page, no stack trace.
+    _set(browser, "api-key", "wrong-key")
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, WAIT_S).until(lambda d: d.find_element(By.ID, "generate-error").text)
+    message = browser.find_element(By.ID, "generate-error").text
+    assert "API key" in message and "401" in message, message
+    _assert_no_stack_trace(browser)
+
+    _set(browser, "api-key", API_KEY)
+    browser.find_element(By.ID, "api-key").send_keys("\t")  # the change event reloads the model's description
+    _open(browser, server)  # and the key survives a reload (localStorage)
+    assert browser.find_element(By.ID, "api-key").get_attribute("value") == API_KEY
+
+    # A limit: the API's 4xx names the field, and the page shows it.
+    _set(browser, "gen-num", 100000)
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, WAIT_S).until(lambda d: d.find_element(By.ID, "generate-error").text)
+    message = browser.find_element(By.ID, "generate-error").text
+    assert "num_images" in message, message
+    _assert_no_stack_trace(browser)
+
+    _set(browser, "gen-num", 4)
+    _set(browser, "gen-seed", 7)
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, WAIT_S).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#result img")) == 4,
+                                         message=f"no 4 images in #result; page errors: {_errors(browser)}")
+    assert not browser.find_element(By.ID, "generate-error").text
+    images = [_decode(img.get_attribute("src")) for img in browser.find_elements(By.CSS_SELECTOR, "#result img")]
+    for image in images:
+        assert image.shape == MODEL_SIZE
+        assert image.std() > 10, "a blank image"
+    assert "ms" in browser.find_element(By.ID, "latency").text
+    assert browser.find_element(By.ID, "nfe").text == "1"
+    screenshots(browser, "generate")
+
+    # The same seed gives the same images (the page sends it; the server honours it).
+    first = images[0]
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, WAIT_S).until(lambda d: d.find_element(By.ID, "generate").is_enabled())
+    assert np.array_equal(_wait_for_image(browser, "result"), first)
+
+
+def test_compare_tab(server, browser, screenshots):
+    _open(browser, server)
+    browser.find_element(By.ID, "tab-compare").click()
+    _set(browser, "compare-seed", 3)
+    browser.find_element(By.ID, "compare-run").click()
+    WebDriverWait(browser, WAIT_S * 2).until(
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, "#compare-result figure")) >= 4 or _errors(d))
+    assert not _errors(browser), _errors(browser)
+    figures = browser.find_elements(By.CSS_SELECTOR, "#compare-result figure")
+    captions = [figure.find_element(By.TAG_NAME, "figcaption").text for figure in figures]
+    for steps, caption in zip((1, 2, 3, 4), captions):
+        assert f"NFE {steps}" in caption and "ms" in caption, caption
+    for figure in figures:
+        assert _decode(figure.find_element(By.TAG_NAME, "img").get_attribute("src")).shape == MODEL_SIZE
+    screenshots(browser, "compare")
+
+
+def test_edit_tab_inpaints_the_painted_mask(server, browser, screenshots):
+    _open(browser, server)
+    browser.find_element(By.ID, "tab-edit").click()
+    browser.find_element(By.ID, "sample-boot").click()
+    WebDriverWait(browser, WAIT_S).until(lambda d: d.execute_script("return editSource !== null"))
+
+    # Run with an empty mask first: a readable message, no request.
+    browser.find_element(By.ID, "edit-run").click()
+    assert "mask is empty" in browser.find_element(By.ID, "edit-error").text
+
+    # Paint a thick horizontal band over the middle of the image with the mouse.
+    mask = browser.find_element(By.ID, "edit-mask")
+    width = mask.size["width"]
+    actions = ActionChains(browser)
+    actions.move_to_element_with_offset(mask, -width // 3, 0).click_and_hold()
+    for _ in range(8):
+        actions.move_by_offset(width // 12, 0)
+    actions.move_by_offset(0, width // 12)
+    for _ in range(8):
+        actions.move_by_offset(-width // 12, 0)
+    actions.release().perform()
+
+    browser.find_element(By.ID, "edit-run").click()
+    result = _wait_for_image(browser, "edit-result")
+    assert not browser.find_element(By.ID, "edit-error").text
+    sent = _decode(browser.find_element(By.CSS_SELECTOR, "#edit-sent img").get_attribute("src"))
+    painted = _decode(browser.execute_script("return maskCanvas().canvas.toDataURL('image/png')")) > 127
+    assert result.shape == sent.shape == painted.shape == MODEL_SIZE
+    assert 20 < painted.sum() < 0.8 * painted.size, f"the painted mask covers {painted.sum()} pixels"
+    # Inpainting keeps every unpainted pixel (up to the uint8 round trip) and regenerates the painted ones.
+    assert np.abs(result - sent)[~painted].max() <= 2
+    assert np.abs(result - sent)[painted].mean() > 1.0
+    assert "NFE" in browser.find_element(By.ID, "edit-latency").text
+    screenshots(browser, "edit")
+    _assert_no_stack_trace(browser)
