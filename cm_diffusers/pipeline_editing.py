@@ -6,12 +6,14 @@ transform A and the mask Omega, and hands them to `_edit`, the one prepared call
 """
 
 import math
-from typing import Sequence
+from dataclasses import dataclass, fields
+from typing import Sequence, TypedDict
 
 import numpy as np
 import torch
 from diffusers import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
+from typing_extensions import Unpack
 
 from .editing import (
     DEFAULT_EDIT_STEPS,
@@ -28,6 +30,45 @@ from .editing import (
 )
 
 
+class EditOptions(TypedDict, total=False):
+    """The keyword options every editing task shares (see [`ConsistencyEditingMixin`])."""
+
+    num_inference_steps: int | None
+    timesteps: list[int] | None
+    sigmas: list[float] | None
+    class_labels: int | list[int] | torch.Tensor | None
+    generator: torch.Generator | list[torch.Generator] | None
+    output_type: str
+    return_dict: bool
+    input_range: tuple
+
+
+@dataclass
+class _EditCall:
+    """`EditOptions` with their defaults filled in."""
+
+    num_inference_steps: int | None = None
+    timesteps: list[int] | None = None
+    sigmas: list[float] | None = None
+    class_labels: int | list[int] | torch.Tensor | None = None
+    generator: torch.Generator | list[torch.Generator] | None = None
+    output_type: str = "pil"
+    return_dict: bool = True
+    input_range: tuple = (0.0, 1.0)
+
+
+_SCHEDULE_OPTIONS = ("num_inference_steps", "timesteps", "sigmas")
+
+
+def _edit_call(task: str, options: dict, exclude: Sequence[str] = ()) -> _EditCall:
+    """The options of one call, with Python's own error for a keyword the task does not take."""
+    allowed = {f.name for f in fields(_EditCall)} - set(exclude)
+    for name in options:
+        if name not in allowed:
+            raise TypeError(f"{task}() got an unexpected keyword argument {name!r}")
+    return _EditCall(**options)
+
+
 class ConsistencyEditingMixin:
     """
     Editing entry points of [`ConsistencyPipeline`]: `inpaint`, `colorize`, `super_resolve`, `stroke_edit`,
@@ -41,6 +82,16 @@ class ConsistencyEditingMixin:
     as `num_inference_steps` spreads them in `__call__`; `timesteps` or `sigmas` give an explicit schedule. With
     `output_type="latent"` the result is the raw projected sample, whose kept coefficients equal the input's
     exactly; the other output types clamp to the displayable range [0, 1].
+
+    Options every task takes as keywords ([`EditOptions`]):
+        num_inference_steps (`int`, *optional*): Number of network evaluations (default 10).
+        timesteps (`list[int]`, *optional*): Descending indices into the training grid, e.g. `[22, 0]`.
+        sigmas (`list[float]`, *optional*): Descending noise levels.
+        class_labels (`int`, `list[int]` or `torch.Tensor`, *optional*): Labels of a class-conditional model.
+        generator (`torch.Generator`, *optional*): Makes the edit deterministic.
+        output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"` or `"latent"`.
+        return_dict (`bool`, defaults to `True`): Return an [`ImagePipelineOutput`] instead of a tuple.
+        input_range (`tuple`, defaults to `(0, 1)`): Value range of float arrays and tensors.
     """
 
     # -- helpers shared by the entry points ------------------------------------------------------------------------
@@ -79,24 +130,25 @@ class ConsistencyEditingMixin:
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"Unknown output_type={output_type!r}; choose one of ('pil', 'np', 'pt', 'latent').")
 
-    def _edit(self, y, transform, mask, schedule, class_labels, generator, output_type, return_dict, **edit_kwargs):
-        """The prepared call every task ends in: labels, noise levels (`schedule` is a `(num_inference_steps,
-        timesteps, sigmas)` request or a tensor of levels), Algorithm 4 with this pipeline's f, post-processing."""
-        self._check_output_type(output_type)
-        sigmas = schedule if isinstance(schedule, torch.Tensor) else self._edit_sigmas(*schedule)
-        labels = self.prepare_class_labels(y.shape[0], class_labels, generator, y.device)
+    def _edit(self, y, transform, mask, call: _EditCall, sigmas=None, **edit_kwargs):
+        """The prepared call every task ends in: class labels, the noise levels (the call's schedule unless `sigmas`
+        is given), Algorithm 4 with this pipeline's f, post-processing."""
+        self._check_output_type(call.output_type)
+        if sigmas is None:
+            sigmas = self._edit_sigmas(call.num_inference_steps, call.timesteps, call.sigmas)
+        labels = self.prepare_class_labels(y.shape[0], call.class_labels, call.generator, y.device)
 
         def consistency_fn(x, sigma):
             return self.denoise_raw(x, sigma, class_labels=labels)
 
         config = self.scheduler.config
         sample = consistency_edit(
-            consistency_fn, y, transform, mask, sigmas, generator=generator, sigma_min=config.sigma_min,
+            consistency_fn, y, transform, mask, sigmas, generator=call.generator, sigma_min=config.sigma_min,
             s_noise=config.s_noise, **edit_kwargs,
         )
-        images = self.postprocess(sample, output_type)
+        images = self.postprocess(sample, call.output_type)
         self.maybe_free_model_hooks()
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+        return ImagePipelineOutput(images=images) if call.return_dict else (images,)
 
     # -- tasks -----------------------------------------------------------------------------------------------------
 
@@ -105,14 +157,7 @@ class ConsistencyEditingMixin:
         self,
         image,
         mask_image,
-        num_inference_steps: int | None = None,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-        class_labels=None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        input_range=(0.0, 1.0),
+        **options: Unpack[EditOptions],
     ) -> ImagePipelineOutput | tuple:
         r"""
         Fills the masked region of `image` with content consistent with the rest (Algorithm 4 with A = I).
@@ -121,19 +166,14 @@ class ConsistencyEditingMixin:
             image: The image(s) to inpaint, at the model's size and channel count (see the class docstring).
             mask_image: White (1) = regenerate, black (0) = keep, as in diffusers' inpainting pipelines; binarized at
                 0.5. One channel or one per image channel; a batch of 1 or one mask per image.
-            num_inference_steps (`int`, *optional*): Number of network evaluations (default 10).
-            timesteps (`list[int]`, *optional*): Descending indices into the training grid, e.g. `[22, 0]`.
-            sigmas (`list[float]`, *optional*): Descending noise levels.
-            class_labels (`int`, `list[int]` or `torch.Tensor`, *optional*): Labels of a class-conditional model.
-            generator (`torch.Generator`, *optional*): Makes the edit deterministic.
-            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"` or `"latent"`.
-            return_dict (`bool`, defaults to `True`): Return an [`ImagePipelineOutput`] instead of a tuple.
-            input_range (`tuple`, defaults to `(0, 1)`): Value range of float arrays and tensors.
+            options ([`EditOptions`]): The schedule (default 10 levels), class labels, generator and output options
+                every task takes (see the class docstring).
 
         Returns:
             [`ImagePipelineOutput`] or `tuple`: the inpainted images; the kept pixels equal the input's.
         """
-        y = self._model_image(image, input_range)
+        call = _edit_call("inpaint", options)
+        y = self._model_image(image, call.input_range)
         mask = mask_to_tensor(mask_image).to(device=y.device, dtype=y.dtype)
         if tuple(mask.shape[2:]) != tuple(y.shape[2:]):
             raise ValueError(
@@ -146,54 +186,39 @@ class ConsistencyEditingMixin:
                 f"{tuple(y.shape)}; give 1 channel or {y.shape[1]}, and a batch of 1 or {y.shape[0]}."
             )
         mask = (mask >= 0.5).to(y.dtype)
-        return self._edit(y, IdentityTransform(), mask, (num_inference_steps, timesteps, sigmas), class_labels,
-                          generator, output_type, return_dict)
+        return self._edit(y, IdentityTransform(), mask, call)
 
     @torch.no_grad()
     def colorize(
         self,
         image,
-        num_inference_steps: int | None = None,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-        class_labels=None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        input_range=(0.0, 1.0),
+        **options: Unpack[EditOptions],
     ) -> ImagePipelineOutput | tuple:
         r"""
         Colorizes a grayscale image with an RGB model, keeping its luma 0.2989 R + 0.5870 G + 0.1140 B per pixel.
 
         Args:
             image: A grayscale (1-channel, taken as R = G = B) or color (3-channel) image at the model's size.
-            num_inference_steps, timesteps, sigmas, class_labels, generator, output_type, return_dict, input_range:
-                As in [`~ConsistencyEditingMixin.inpaint`].
+            options ([`EditOptions`]): The schedule, class labels, generator and output options every task takes
+                (see the class docstring).
 
         Returns:
             [`ImagePipelineOutput`] or `tuple`: the colorized images.
         """
+        call = _edit_call("colorize", options)
         channels = self.sample_shape(1)[1]
         if channels != 3:
             raise ValueError(f"colorize needs an RGB model (3 channels); this model has {channels} channel(s).")
-        y = self._model_image(image, input_range, allow_gray=True).expand(-1, 3, -1, -1).contiguous()
+        y = self._model_image(image, call.input_range, allow_gray=True).expand(-1, 3, -1, -1).contiguous()
         transform = ColorizationTransform()
-        return self._edit(y, transform, transform.mask_like(y), (num_inference_steps, timesteps, sigmas),
-                          class_labels, generator, output_type, return_dict)
+        return self._edit(y, transform, transform.mask_like(y), call)
 
     @torch.no_grad()
     def super_resolve(
         self,
         image,
         scale_factor: int,
-        num_inference_steps: int | None = None,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-        class_labels=None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        input_range=(0.0, 1.0),
+        **options: Unpack[EditOptions],
     ) -> ImagePipelineOutput | tuple:
         r"""
         Upsamples a low-resolution image by `scale_factor` to the model's size; every scale_factor x scale_factor
@@ -202,12 +227,13 @@ class ConsistencyEditingMixin:
         Args:
             image: The low-resolution image(s), of size (height / scale_factor, width / scale_factor).
             scale_factor (`int`): Integer factor that divides the model's height and width.
-            num_inference_steps, timesteps, sigmas, class_labels, generator, output_type, return_dict, input_range:
-                As in [`~ConsistencyEditingMixin.inpaint`].
+            options ([`EditOptions`]): The schedule, class labels, generator and output options every task takes
+                (see the class docstring).
 
         Returns:
             [`ImagePipelineOutput`] or `tuple`: the upsampled images.
         """
+        call = _edit_call("super_resolve", options)
         _, _, height, width = self.sample_shape(1)
         if isinstance(scale_factor, bool) or not isinstance(scale_factor, (int, np.integer)) or scale_factor < 1:
             raise ValueError(f"`scale_factor` must be a positive integer, got {scale_factor!r}.")
@@ -216,12 +242,11 @@ class ConsistencyEditingMixin:
                 f"scale_factor={scale_factor} does not divide the model's size {height}x{width}; choose a divisor of "
                 f"both (e.g. {[d for d in range(2, min(height, width) + 1) if not height % d and not width % d]})."
             )
-        low = self._model_image(image, input_range, what="low-resolution image",
+        low = self._model_image(image, call.input_range, what="low-resolution image",
                                 size=(height // scale_factor, width // scale_factor))
         y = low.repeat_interleave(scale_factor, dim=2).repeat_interleave(scale_factor, dim=3)
         transform = SuperResolutionTransform(scale_factor)
-        return self._edit(y, transform, transform.mask_like(y), (num_inference_steps, timesteps, sigmas),
-                          class_labels, generator, output_type, return_dict)
+        return self._edit(y, transform, transform.mask_like(y), call)
 
     def default_stroke_sigmas(self) -> list:
         """The paper's stroke-editing levels (5.38, 2.24 on LSUN, sigma_max = 80) scaled to this model's sigma_max."""
@@ -233,14 +258,7 @@ class ConsistencyEditingMixin:
     def stroke_edit(
         self,
         image,
-        num_inference_steps: int | None = None,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-        class_labels=None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        input_range=(0.0, 1.0),
+        **options: Unpack[EditOptions],
     ) -> ImagePipelineOutput | tuple:
         r"""
         Stroke-guided editing (SDEdit-like): noises a rough stroke painting to an intermediate level and maps it to a
@@ -248,27 +266,24 @@ class ConsistencyEditingMixin:
 
         Args:
             image: The stroke painting(s) at the model's size.
-            num_inference_steps (`int`, *optional*): Not supported: such a schedule starts at `sigma_max`, where the
-                strokes are lost. Pass `sigmas` or `timesteps` instead.
-            timesteps (`list[int]`, *optional*): Descending indices into the training grid.
-            sigmas (`list[float]`, *optional*): Descending noise levels; default `default_stroke_sigmas()`, the
-                paper's (5.38, 2.24) scaled by sigma_max / 80.
-            class_labels, generator, output_type, return_dict, input_range: As in
-                [`~ConsistencyEditingMixin.inpaint`].
+            options ([`EditOptions`]): As for every task (see the class docstring), except the schedule: `sigmas`
+                (default `default_stroke_sigmas()`, the paper's (5.38, 2.24) scaled by sigma_max / 80) or
+                `timesteps`; `num_inference_steps` is refused, since such a schedule starts at `sigma_max`, where the
+                strokes are lost.
 
         Returns:
             [`ImagePipelineOutput`] or `tuple`: the edited images.
         """
-        if num_inference_steps is not None:
+        call = _edit_call("stroke_edit", options)
+        if call.num_inference_steps is not None:
             raise ValueError(
                 "stroke_edit starts from an intermediate noise level; `num_inference_steps` would start at sigma_max "
                 f"and discard the strokes. Pass `sigmas` (default {self.default_stroke_sigmas()}) or `timesteps`."
             )
-        y = self._model_image(image, input_range)
-        if timesteps is None and sigmas is None:
-            sigmas = self.default_stroke_sigmas()
-        return self._edit(y, IdentityTransform(), None, (None, timesteps, sigmas), class_labels, generator,
-                          output_type, return_dict, start_from_reference=True)
+        y = self._model_image(image, call.input_range)
+        if call.timesteps is None and call.sigmas is None:
+            call.sigmas = self.default_stroke_sigmas()
+        return self._edit(y, IdentityTransform(), None, call, start_from_reference=True)
 
     @torch.no_grad()
     def denoise(
@@ -276,11 +291,7 @@ class ConsistencyEditingMixin:
         image,
         sigma: float,
         add_noise: bool = False,
-        class_labels=None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        input_range=(0.0, 1.0),
+        **options: Unpack[EditOptions],
     ) -> ImagePipelineOutput | tuple:
         r"""
         Denoises an image that carries Gaussian noise of std `sigma` (in the [-1, 1] model space) with one
@@ -291,20 +302,21 @@ class ConsistencyEditingMixin:
             sigma (`float`): The noise level, within [sigma_min, sigma_max] of the scheduler.
             add_noise (`bool`, defaults to `False`): Add noise of std `sigma` (from `generator`) to a clean image
                 first, e.g. to demonstrate the round trip.
-            class_labels, generator, output_type, return_dict, input_range: As in
-                [`~ConsistencyEditingMixin.inpaint`].
+            options: `class_labels`, `generator`, `output_type`, `return_dict`, `input_range` (see the class
+                docstring); the schedule is the single level `sigma`.
 
         Returns:
             [`ImagePipelineOutput`] or `tuple`: the denoised images.
         """
+        call = _edit_call("denoise", options, exclude=_SCHEDULE_OPTIONS)
         if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.floating, np.integer)):
             raise ValueError(f"`sigma` must be a number, got {sigma!r}.")
         sigma_schedule = self.sampling_sigmas(sigmas=[float(sigma)])
-        y = self._model_image(image, input_range)
+        y = self._model_image(image, call.input_range)
         # Algorithm 4 with one level: x = y + sigma z, then f(x, sigma); zero noise evaluates f on the image itself.
         latents = None if add_noise else torch.zeros_like(y)
-        return self._edit(y, IdentityTransform(), None, sigma_schedule, class_labels, generator, output_type,
-                          return_dict, latents=latents, start_from_reference=True)
+        return self._edit(y, IdentityTransform(), None, call, sigmas=sigma_schedule, latents=latents,
+                          start_from_reference=True)
 
     @torch.no_grad()
     def interpolate(
@@ -376,14 +388,7 @@ class ConsistencyEditingMixin:
         image,
         transform,
         mask=None,
-        num_inference_steps: int | None = None,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-        class_labels=None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        input_range=(0.0, 1.0),
+        **options: Unpack[EditOptions],
     ) -> ImagePipelineOutput | tuple:
         r"""
         Algorithm 4 with any invertible linear transform: keeps the coefficients of `transform.forward(image)` where
@@ -396,16 +401,16 @@ class ConsistencyEditingMixin:
             mask (`torch.Tensor` or `np.ndarray`, *optional*): Omega in the transform's output space, broadcastable to
                 `transform.forward(image)`, values in [0, 1]. Defaults to `transform.mask_like(image)` for the
                 built-in transforms that have it.
-            num_inference_steps, timesteps, sigmas, class_labels, generator, output_type, return_dict, input_range:
-                As in [`~ConsistencyEditingMixin.inpaint`].
+            options ([`EditOptions`]): The schedule, class labels, generator and output options every task takes
+                (see the class docstring).
 
         Returns:
             [`ImagePipelineOutput`] or `tuple`: the edited images.
         """
-        y = self._model_image(image, input_range)
+        call = _edit_call("edit", options)
+        y = self._model_image(image, call.input_range)
         if mask is None:
             if not callable(getattr(transform, "mask_like", None)):
                 raise ValueError("Pass `mask` (Omega in the transform's output space: 1 = generate, 0 = keep).")
             mask = transform.mask_like(y)
-        return self._edit(y, transform, mask, (num_inference_steps, timesteps, sigmas), class_labels, generator,
-                          output_type, return_dict)
+        return self._edit(y, transform, mask, call)

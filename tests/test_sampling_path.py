@@ -236,3 +236,15 @@ def test_pickle_only_weights_are_refused_before_unpickling(tmp_path):
     with pytest.raises(ValueError, match="safetensors only"):
         ConsistencyPipeline.from_pretrained(tmp_path)
     assert not marker.exists()
+
+
+def test_editing_options_are_checked_like_keyword_arguments():
+    pipe = make_pipe()
+    image = np.zeros((16, 16), dtype=np.float32)
+    with pytest.raises(TypeError, match="inpaint\\(\\) got an unexpected keyword argument 'num_steps'"):
+        pipe.inpaint(image, np.ones((16, 16), dtype=np.float32), num_steps=2)
+    with pytest.raises(TypeError, match="denoise\\(\\) got an unexpected keyword argument 'timesteps'"):
+        pipe.denoise(image, sigma=0.5, timesteps=[3, 0])
+    out = pipe.inpaint(image, np.ones((16, 16), dtype=np.float32), timesteps=[30, 0], output_type="np",
+                       generator=torch.Generator().manual_seed(0), return_dict=False)
+    assert isinstance(out, tuple) and out[0].shape == (1, 16, 16, 1)
