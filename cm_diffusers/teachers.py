@@ -9,6 +9,9 @@ is a float or a (B,) tensor. Two adapters share one small base:
   its epsilon, v or x0 prediction is turned into D(x, sigma).
 - [`EDMDenoiser`]: a UNet2DModel with EDM preconditioning, read from diffusers' EDMEulerScheduler /
   EDMDPMSolverMultistepScheduler config; the scheduler's own precondition_inputs / _noise / _outputs compute D.
+  Networks trained with the consistency models' time input t = 250 ln sigma (`train_diffusion.py --edm_time_input
+  consistency`) name `ConsistencyTimeEDMEulerScheduler` (cm_diffusers/edm_teacher_pipeline.py); a consistency
+  student initialised from their weights starts at D (up to the boundary-condition terms).
 
 [`load_teacher`] reads a folder or a Hub repo id (offline from the cache) and picks the adapter.
 """
@@ -27,11 +30,50 @@ DISCRETE_SCHEDULERS = (
     "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler", "UniPCMultistepScheduler",
     "DEISMultistepScheduler",
 )  # fmt: skip
-EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
+EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", "ConsistencyTimeEDMEulerScheduler")
 SUPPORTED = (
     "pixel-space UNet2DModel checkpoints with a DDPM/DDIM-style scheduler config (epsilon, v_prediction or sample "
     "prediction, any beta schedule) or an EDM scheduler config (EDMEulerScheduler, EDMDPMSolverMultistepScheduler)"
 )
+
+
+EDM_TEACHER_PIPELINE_FILE = "pipeline_edm_teacher.py"
+
+
+def __getattr__(name):
+    # the scheduler lives in a file that depends on diffusers, imported on first use
+    if name == "ConsistencyTimeEDMEulerScheduler":
+        from .edm_teacher_pipeline import ConsistencyTimeEDMEulerScheduler
+
+        return ConsistencyTimeEDMEulerScheduler
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def write_edm_teacher_pipeline_files(folder: str):
+    """Makes a folder with unet/ and a ConsistencyTimeEDMEulerScheduler scheduler/ a pipeline that plain diffusers
+    samples correctly, through custom code it refuses to run without `trust_remote_code=True`:
+    `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` gives an `EDMTeacherPipeline`.
+
+    Without this, diffusers' EDMEulerScheduler would read the scheduler config (ignoring c_noise_scale with only a
+    warning) and feed the network 0.25 ln sigma instead of the 250 ln sigma it was trained on: garbage samples.
+    """
+    import shutil
+
+    import diffusers
+
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "edm_teacher_pipeline.py")
+    module = EDM_TEACHER_PIPELINE_FILE[: -len(".py")]
+    shutil.copyfile(source, os.path.join(folder, EDM_TEACHER_PIPELINE_FILE))  # the pipeline class
+    shutil.copyfile(source, os.path.join(folder, "scheduler", EDM_TEACHER_PIPELINE_FILE))  # the scheduler component
+    index = {
+        "_class_name": [module, "EDMTeacherPipeline"],
+        "_diffusers_version": diffusers.__version__,
+        "scheduler": [module, "ConsistencyTimeEDMEulerScheduler"],
+        "unet": ["diffusers", "UNet2DModel"],
+    }
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+        f.write("\n")
 
 
 class Denoiser(torch.nn.Module):
@@ -143,7 +185,14 @@ class EDMDenoiser(Denoiser):
                              "v_prediction.")  # fmt: skip
         self.c_noise_scale = float(config.get("c_noise_scale", 1.0))
         scheduler_kwargs = {k: v for k, v in config.items() if not k.startswith("_") and k != "c_noise_scale"}
-        scheduler = getattr(diffusers, class_name).from_config(scheduler_kwargs)
+        if class_name == "ConsistencyTimeEDMEulerScheduler":  # its precondition_noise applies the scale itself
+            from .edm_teacher_pipeline import ConsistencyTimeEDMEulerScheduler as scheduler_class
+
+            self.c_noise_scale = 1.0
+            scheduler_kwargs["c_noise_scale"] = config.get("c_noise_scale", 1000.0)
+        else:
+            scheduler_class = getattr(diffusers, class_name)
+        scheduler = scheduler_class.from_config(scheduler_kwargs)
         super().__init__(unet, config, scheduler.config.sigma_min, scheduler.config.sigma_max, prediction_type)
         self.scheduler = scheduler
 

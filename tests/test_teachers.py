@@ -208,11 +208,12 @@ def trained_folders(tmp_path_factory):
         Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(root / "images" / f"{i}.png")
     make_tiny_unet().save_config(root / "unet_config")
     folders = {}
-    for model_type in ("ddpm", "edm"):
+    runs = (("ddpm", "ddpm", "edm"), ("edm", "edm", "edm"), ("edm_cm", "edm", "consistency"))
+    for name, model_type, time_input in runs:
         AcceleratorState._reset_state(True)
-        folders[model_type] = root / model_type
+        folders[name] = root / name
         main(parse_args([
-            "--output_dir", str(folders[model_type]), "--model_type", model_type,
+            "--output_dir", str(folders[name]), "--model_type", model_type, "--edm_time_input", time_input,
             "--train_data_dir", str(root / "images"), "--unet_config", str(root / "unet_config" / "config.json"),
             "--train_batch_size", "4", "--max_train_steps", "2", "--report_to", "none",
             "--num_validation_images", "1", "--validation_inference_steps", "2",
@@ -245,6 +246,56 @@ def test_load_teacher_reads_train_diffusion_folders(trained_folders):
     out = half(x, 1.0)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ddpm(x, 1.0), rtol=0.05, atol=0.05)
+
+
+def test_a_teacher_with_the_consistency_time_input_is_where_the_student_starts(trained_folders):
+    """The fresh student f (the teacher's weights under the consistency scalings) equals the teacher's D up to the
+    boundary-condition terms: f - D = (c_skip - c_skip_edm) x + (c_out - c_out_edm) F, small at sigma >> sigma_min,
+    and f is the identity at sigma_min."""
+    from cm_diffusers.networks import unet_forward
+    from cm_diffusers.parameterization import boundary_scalings, consistency_function
+
+    teacher = load_teacher(str(trained_folders["edm_cm"]))
+    assert type(teacher.scheduler).__name__ == "ConsistencyTimeEDMEulerScheduler"
+    assert teacher.scheduler_config["c_noise_scale"] == 1000.0
+    x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    student = unet_forward(teacher.unet)
+    for value in (0.5, 2.5, 20.0, 80.0):
+        sigma = torch.full((3,), value)
+        with torch.no_grad():
+            f, D = consistency_function(student, x, sigma), teacher(x, sigma)
+            F = teacher.unet(x / math.sqrt(value**2 + 0.25), 250 * torch.log(sigma)).sample
+        c_skip, c_out, _ = boundary_scalings(torch.tensor(value))
+        c_skip_edm, c_out_edm = 0.25 / (value**2 + 0.25), value * 0.5 / math.sqrt(value**2 + 0.25)
+        torch.testing.assert_close(f - D, (c_skip - c_skip_edm) * x + (c_out - c_out_edm) * F, rtol=1e-4, atol=1e-5)
+        assert ((f - D).norm() / D.norm()).item() < 0.01
+    with torch.no_grad():
+        identity = consistency_function(student, x, torch.full((3,), 0.002))
+    torch.testing.assert_close(identity, x, rtol=0, atol=1e-6)
+
+
+def test_a_consistency_time_teacher_samples_correctly_in_plain_diffusers(trained_folders):
+    """Plain DiffusionPipeline refuses the folder without trust_remote_code (its scheduler is not diffusers' own) and
+    samples it, with it, exactly as the Euler ODE solver on load_teacher's D."""
+    from diffusers import DiffusionPipeline
+
+    folder = str(trained_folders["edm_cm"])
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        DiffusionPipeline.from_pretrained(folder)
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    assert type(pipe).__name__ == "EDMTeacherPipeline"
+    assert type(pipe.scheduler).__name__ == "ConsistencyTimeEDMEulerScheduler"
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=2, num_inference_steps=4, generator=torch.manual_seed(0), output_type="pt").images
+
+    teacher = load_teacher(folder)
+    pipe.scheduler.set_timesteps(4)
+    sigmas = pipe.scheduler.sigmas.tolist()
+    x = torch.randn(2, 1, 16, 16, generator=torch.manual_seed(0)) * pipe.scheduler.init_noise_sigma
+    with torch.no_grad():
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            x = euler_step(x, sigma, sigma_next, teacher(x, sigma))
+    torch.testing.assert_close(images, (x / 2 + 0.5).clamp(0, 1), rtol=1e-4, atol=1e-4)
 
 
 def test_load_teacher_from_a_repo_id_in_the_cache(trained_folders, tmp_path):

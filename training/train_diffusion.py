@@ -82,6 +82,16 @@ def parse_args(argv=None):
     model.add_argument("--p_mean", type=float, default=-1.2, help="EDM training: mean of ln sigma.")
     model.add_argument("--p_std", type=float, default=1.2, help="EDM training: standard deviation of ln sigma.")
     model.add_argument(
+        "--edm_time_input",
+        type=str,
+        default="edm",
+        choices=["edm", "consistency"],
+        help="EDM: the UNet's time input. `edm`: c_noise = 0.25 ln sigma (diffusers' EDMEulerScheduler). "
+        "`consistency`: t = 250 ln sigma (OpenAI's convention, the time input of consistency models), so a "
+        "consistency student initialised from these weights starts at the teacher's denoiser; saved with "
+        "cm_diffusers' ConsistencyTimeEDMEulerScheduler config.",
+    )
+    model.add_argument(
         "--unet_config", type=str, default=None, help="UNet2DModel config JSON (default: a small UNet for the data)."
     )
     model.add_argument(
@@ -168,6 +178,12 @@ def build_noise_scheduler(args):
             num_train_timesteps=args.ddpm_num_steps,
             beta_schedule=args.ddpm_beta_schedule,
             prediction_type=args.prediction_type,
+        )
+    if args.edm_time_input == "consistency":
+        from cm_diffusers.teachers import ConsistencyTimeEDMEulerScheduler
+
+        return ConsistencyTimeEDMEulerScheduler(
+            sigma_min=args.sigma_min, sigma_max=args.sigma_max, sigma_data=args.sigma_data, c_noise_scale=1000.0
         )
     return EDMEulerScheduler(sigma_min=args.sigma_min, sigma_max=args.sigma_max, sigma_data=args.sigma_data)
 
@@ -271,6 +287,13 @@ def save_pipeline(unet, noise_scheduler, output_dir: str, model_type: str):
         unet.save_pretrained(os.path.join(tmp_dir, "unet"))
         noise_scheduler.save_pretrained(os.path.join(tmp_dir, "scheduler"))
         components = ("unet", "scheduler")
+        if type(noise_scheduler).__name__ == "ConsistencyTimeEDMEulerScheduler":
+            # diffusers' EDMEulerScheduler would feed this network 0.25 ln sigma: ship the pipeline code that samples
+            # it correctly, which plain DiffusionPipeline.from_pretrained runs only with trust_remote_code=True.
+            from cm_diffusers.teachers import EDM_TEACHER_PIPELINE_FILE, write_edm_teacher_pipeline_files
+
+            write_edm_teacher_pipeline_files(tmp_dir)
+            components = ("unet", "scheduler", EDM_TEACHER_PIPELINE_FILE, "model_index.json")
     for name in components:
         src, dst = os.path.join(tmp_dir, name), os.path.join(output_dir, name)
         if os.path.isdir(dst):
@@ -444,7 +467,7 @@ def validate(accelerator, model, ema, noise_scheduler, args, global_step, class_
     if args.model_type == "ddpm":
         scheduler = DDIMScheduler.from_config(noise_scheduler.config)
     else:
-        scheduler = EDMEulerScheduler.from_config(noise_scheduler.config)
+        scheduler = type(noise_scheduler).from_config(noise_scheduler.config)
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
     class_labels = None
     if class_count is not None:
