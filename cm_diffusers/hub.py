@@ -2,9 +2,15 @@
 
 `save_model_card` renders `templates/model_card.md` with huggingface_hub's `ModelCard`/`ModelCardData`, so the YAML
 metadata (license, library, tags, datasets, base model, model-index) is exactly what the Hub parses. `push_to_hub`
-uploads only what a user needs to load the pipeline (configs, safetensors weights, the card, sample images), never
-training checkpoints, optimizer states, pickles or logs, in one commit whose unchanged files are skipped, so pushing
-the same folder twice makes no second commit.
+uploads only what a user needs to load the pipeline (an explicit allow-list: model_index.json, the components'
+config files and safetensors weights, the card, sample images at the top of the folder; nothing hidden), never training
+checkpoints, optimizer states, pickles or logs, in one commit whose unchanged files are skipped, so pushing the same
+folder twice makes no second commit.
+
+Nothing secret or local is published: the card's training command has the values of secret flags (`--hub_token`,
+any `--*key*`, `--*password*`) replaced by `REDACTED` and local paths cut to their last component, a teacher or data
+set given as a local folder is recorded by its name only, and `push_to_hub` refuses to upload a file that contains
+the token it pushes with (or HF_TOKEN's).
 """
 
 import fnmatch
@@ -12,9 +18,12 @@ import json
 import logging
 import os
 import re
+import shlex
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .safety import redact_command, redact_text, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +44,16 @@ MODES = {
 _INFO_COMMENT = re.compile(r"<!-- cm_diffusers card info[^:]*: (\{.*\}) -->")
 _METRIC_NAMES = {"fid": "FID", "kid": "KID", "is": "Inception score", "precision": "precision", "recall": "recall"}
 _METRIC_KEY = re.compile(r"^(fid|kid|is|precision|recall)(?:_(.+))?$", re.IGNORECASE)
+_NOT_METRICS = {"subsets", "std", "stderr", "num_samples", "samples", "seed"}  # kid_subsets is a setting, no score
 
 # What a pushed pipeline folder may contain, relative to the folder. Everything else stays local.
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 _PUSH_TOP_LEVEL = ("model_index.json", "README.md") + tuple("*" + suffix for suffix in _IMAGE_SUFFIXES)
-_PUSH_COMPONENT_FILES = ("*.json", "*.safetensors")
+_PUSH_COMPONENT_FILES = (
+    "config.json", "scheduler_config.json", "*.safetensors", "diffusion_pytorch_model.safetensors.index.json"
+)  # fmt: skip
+# Absolute or home-relative paths of this machine inside a text file (URLs and relative paths do not match).
+_LOCAL_PATH = re.compile(r"(?<![\w:/.\-])(?:~|/[\w.@+-]+)(?:/[\w.@+-]+)+|(?<![\w])[A-Za-z]:\\[^\s'\"`|)]+")
 _PIPELINE_CLASSES = ("ConsistencyModelPipeline", "ConsistencyPipeline")
 
 
@@ -71,7 +85,7 @@ def save_model_card(output_dir, **info) -> ModelCard:
     Returns:
         [`huggingface_hub.ModelCard`]: The card, already validated with `validate_model_card`.
     """
-    info = {key: _plain(value) for key, value in info.items()}
+    info = _publishable({key: _plain(value) for key, value in info.items()})
     unknown = sorted(set(info) - set(CARD_INFO_KEYS))
     if unknown:
         logger.warning(f"save_model_card ignores unknown keys {unknown}; known keys: {list(CARD_INFO_KEYS)}.")
@@ -120,9 +134,36 @@ def save_model_card(output_dir, **info) -> ModelCard:
         limitations=_limitations(info, model),
         info_json=_info_json(info),
     )
-    card = validate_model_card(re.sub(r"\n{3,}", "\n\n", str(card)))  # template blocks leave blank lines behind
-    card.save(output_dir / "README.md")
+    text = redact_text(re.sub(r"\n{3,}", "\n\n", str(card)), known_tokens())  # blank lines of template blocks
+    card = validate_model_card(text)
+    write_text_atomic(output_dir / "README.md", str(card))
     return card
+
+
+def _publishable(info: dict) -> dict:
+    """`info` without secrets or local paths: a card is meant to be pushed (public by default)."""
+    for key in ("base_model", "dataset"):
+        value = info.get(key)
+        if isinstance(value, str) and (os.path.exists(value) or value.startswith(("/", "~", "../"))):
+            info[key] = f"{os.path.basename(os.path.normpath(os.path.expanduser(value)))} (a local folder)"
+    if isinstance(info.get("training_command"), str):
+        try:
+            info["training_command"] = shlex.join(redact_command(shlex.split(info["training_command"])))
+        except ValueError:  # unbalanced quotes: not a command line we can parse, redact what we can see
+            info["training_command"] = redact_text(info["training_command"])
+    return info
+
+
+def known_tokens() -> list:
+    """The Hub tokens of this environment (HF_TOKEN, the stored login), which nothing written here may contain."""
+    from huggingface_hub import get_token
+
+    tokens = [os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")]
+    try:
+        tokens.append(get_token())
+    except Exception:  # an unreadable token file is no reason to fail writing a card
+        pass
+    return [token for token in tokens if token]
 
 
 def load_card_info(folder) -> dict:
@@ -174,7 +215,7 @@ def _card_data(info: dict, model: dict, model_name: str) -> ModelCardData:
         tags.append(MODES[mode][0])
     base_model = info.get("base_model")
     dataset = info.get("dataset")
-    dataset = None if dataset and os.path.exists(dataset) else dataset  # a local folder is no Hub data set
+    dataset = dataset if dataset and _is_dataset_id(dataset) else None  # a local folder is no Hub data set
     eval_results = None
     metrics = _metrics(info.get("eval_results"))
     if metrics and dataset:
@@ -300,21 +341,88 @@ def _metrics(eval_results) -> list:
     """(metric_type, label, value, config) for the numeric metric entries of `eval_results`."""
     rows = []
     for key, value in (eval_results or {}).items():
-        match = _METRIC_KEY.match(str(key))
-        if not match or isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_metric_key(key) or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
+        match = _METRIC_KEY.match(str(key))
         metric, detail = match.group(1).lower(), match.group(2)
-        steps = re.fullmatch(r"(\d+)_?steps?|nfe_?(\d+)", detail or "")
+        steps = re.fullmatch(r"(\d+)_?steps?(?:_(.+))?|nfe_?(\d+)", detail or "")
         if steps:
-            count = int(steps.group(1) or steps.group(2))
-            detail = f"{count} step{'s' if count > 1 else ''}"
+            count = int(steps.group(1) or steps.group(3))
+            detail = f"{count} step{'s' if count > 1 else ''}" + (f", {steps.group(2)}" if steps.group(2) else "")
         label = _METRIC_NAMES[metric] + (f", {detail.replace('_', ' ')}" if detail else "")
-        rows.append((metric, label, float(value), detail.replace(" ", "-") if detail else None))
+        rows.append((metric, label, float(value), re.sub(r"[^\w.]+", "-", detail) if detail else None))
     return rows
 
 
+def is_metric_key(key) -> bool:
+    """fid, fid_1step, kid_nfe_4, precision_2steps, ...; not settings such as kid_subsets or fid_num_samples."""
+    match = _METRIC_KEY.match(str(key))
+    return bool(match) and (match.group(2) or "").lower() not in _NOT_METRICS
+
+
+def eval_results_from_report(report: dict) -> dict:
+    """The card's `eval_results` from a `results.json` of `cm-diffusers evaluate`: FID and KID of each consistency-
+    model row (`fid_1step`, `fid_2step_sigmas_80_0.821`, ...) and how they were measured. A ValueError says what is
+    missing when the report cannot be read."""
+    rows = report.get("results")
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise ValueError("Not a results file of `cm-diffusers evaluate`: it has no list of `results`.")
+    consistency = [row for row in rows if row.get("sampler") == "consistency"]
+    if not consistency:
+        raise ValueError(
+            "The evaluate results hold no consistency-model rows (only a teacher was evaluated): nothing to put on "
+            "this model's card. Run `cm-diffusers evaluate --model FOLDER` first."
+        )
+    results = {}
+    for row in consistency:
+        missing = [key for key in ("steps", "fid", "kid") if not isinstance(row.get(key), (int, float))]
+        if missing:
+            raise ValueError(f"An evaluate result row lacks numeric {missing}: {row}.")
+        suffix = f"{row['steps']}step"
+        if row.get("sigmas"):
+            suffix += "_sigmas_" + "_".join(f"{sigma:g}" for sigma in row["sigmas"])
+        results[f"fid_{suffix}"] = row["fid"]
+        results[f"kid_{suffix}"] = row["kid"]
+    reference = report.get("reference") or {}
+    if isinstance(reference, dict) and reference.get("source"):
+        source = str(reference["source"]).split(":n=")[0]
+        source = source.split(":")[0] if source.startswith("folder:") else source  # no local paths on the card
+        results["reference"] = f"{reference.get('count')} images of {source}"
+    for key in ("num_samples", "seed"):
+        if report.get(key) is not None:
+            results[key] = report[key]
+    teacher_rows = [row for row in rows if row.get("sampler") != "consistency" and isinstance(row.get("fid"), float)]
+    if teacher_rows:
+        best = min(teacher_rows, key=lambda row: row["fid"])
+        results["teacher_best_fid"] = f"{best['fid']:.2f} ({best.get('sampler')}, NFE {best.get('nfe')})"
+    return results
+
+
+def check_eval_results(eval_results: dict) -> dict:
+    """Refuses `eval_results` that would put nothing, or nonsense, on a card: no metric at all, a metric whose value
+    is not a finite number, or nested values that are neither numbers nor text."""
+    import math
+
+    problems = []
+    for key, value in eval_results.items():
+        if is_metric_key(key) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            problems.append(f"{key} is {value!r}, not a number")
+        elif is_metric_key(key) and not math.isfinite(value):
+            problems.append(f"{key} is {value}")
+        elif isinstance(value, (dict, list)):
+            problems.append(f"{key} holds a {type(value).__name__}, not a number or text")
+    if not any(is_metric_key(key) for key in eval_results):
+        problems.append(f"no metric (fid, fid_1step, kid_2step, is, precision, recall) among {sorted(eval_results)}")
+    if problems:
+        raise ValueError(
+            "--eval_results cannot be read: " + "; ".join(problems) + ". Pass the results.json of `cm-diffusers "
+            'evaluate`, or a JSON object such as {"fid_1step": 12.3, "num_samples": 1000}.'
+        )
+    return eval_results
+
+
 def _result_notes(eval_results) -> str:
-    metric_keys = {key for key in (eval_results or {}) if _METRIC_KEY.match(str(key))}
+    metric_keys = {key for key in (eval_results or {}) if is_metric_key(key)}
     notes = [f"{key}: {_fmt(value)}" for key, value in (eval_results or {}).items() if key not in metric_keys]
     return "; ".join(notes)
 
@@ -362,6 +470,11 @@ def _fmt(value) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def _is_dataset_id(name: str) -> bool:
+    """A Hub dataset id ("fashion_mnist", "org/name"), not a local folder or a description."""
+    return not os.path.exists(name) and bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name))
+
+
 def _is_repo_id(name: str) -> bool:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -390,7 +503,7 @@ def check_pipeline_folder(folder) -> dict:
     Checks that `folder` holds a saved consistency-model pipeline with safetensors weights, and returns its
     model_index.json; the ValueError says what the folder is instead and what to do.
     """
-    from .pipeline_consistency import _check_is_consistency_model
+    from .model_index import check_is_consistency_model
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -403,7 +516,7 @@ def check_pipeline_folder(folder) -> dict:
             f"{folder} is not a diffusers pipeline folder (no model_index.json); save one with "
             f"ConsistencyPipeline.save_pretrained(folder).{hint}"
         )
-    _check_is_consistency_model(index, str(folder))
+    check_is_consistency_model(index, str(folder))
     if index.get("_class_name") not in _PIPELINE_CLASSES:
         raise ValueError(f"{folder}/model_index.json names {index.get('_class_name')!r}, not {_PIPELINE_CLASSES}.")
     for component in ("unet", "scheduler"):
@@ -424,10 +537,13 @@ def files_to_push(folder) -> tuple[list, list]:
     index = _read_json(folder / "model_index.json") or {}
     components = {name for name, value in index.items() if not name.startswith("_") and isinstance(value, list)}
     upload, skip = [], []
+    inside = folder.resolve()
     for path in sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink()):
         relative = path.relative_to(folder).as_posix()
         parts = relative.split("/")
-        if len(parts) == 1:
+        if any(part.startswith(".") for part in parts) or not path.resolve().is_relative_to(inside):
+            keep = False  # hidden files (.secrets.json, .git/) and links out of the folder are never published
+        elif len(parts) == 1:
             keep = any(fnmatch.fnmatch(relative, pattern) for pattern in _PUSH_TOP_LEVEL)
         elif len(parts) == 2 and parts[0] in components:
             keep = any(fnmatch.fnmatch(parts[1], pattern) for pattern in _PUSH_COMPONENT_FILES)
@@ -435,6 +551,40 @@ def files_to_push(folder) -> tuple[list, list]:
             keep = False  # checkpoint-*/, logs/, runs/, samples/ and anything else nested
         (upload if keep and path.is_file() else skip).append(relative)
     return upload, skip
+
+
+def find_local_paths(folder, files=None) -> dict:
+    """{file: [local paths]} for the text files among `files` (default: what `push_to_hub` uploads) that mention
+    absolute paths of this machine, which a public repo should not show."""
+    folder = Path(folder)
+    found = {}
+    for relative in files if files is not None else files_to_push(folder)[0]:
+        if not relative.endswith((".json", ".md")):
+            continue
+        text = (folder / relative).read_text(encoding="utf-8", errors="replace")
+        paths = sorted(set(_LOCAL_PATH.findall(text)))
+        if paths:
+            found[relative] = paths
+    return found
+
+
+def find_secrets(folder, files, secrets) -> list:
+    """The files among `files` that contain any of `secrets` (read in chunks, so large weights cost no memory)."""
+    secrets = [secret.encode() for secret in secrets if secret]
+    if not secrets:
+        return []
+    overlap = max(len(secret) for secret in secrets) - 1
+    leaking = []
+    for relative in files:
+        with open(Path(folder) / relative, "rb") as f:
+            tail = b""
+            for block in iter(lambda: f.read(1 << 22), b""):
+                window = tail + block
+                if any(secret in window for secret in secrets):
+                    leaking.append(relative)
+                    break
+                tail = window[-overlap:] if overlap else b""
+    return leaking
 
 
 def resolve_token(token=None) -> str:
@@ -485,6 +635,14 @@ def push_to_hub(folder, repo_id: str, token=None, private: bool = False, commit_
     upload, skipped = files_to_push(folder)
     if skipped:
         logger.info(f"Not pushing {len(skipped)} file(s) that are not part of the pipeline: {skipped[:10]}")
+    leaking = find_secrets(folder, upload, [token, *known_tokens()])
+    if leaking:
+        raise ValueError(
+            f"Refusing to push: {', '.join(leaking)} contain(s) a Hugging Face token. Remove it (re-write the card "
+            f"with `cm-diffusers card {folder}`, which redacts tokens) and revoke the token if it was ever shared."
+        )
+    for relative, paths in find_local_paths(folder, upload).items():
+        logger.warning(f"{relative} mentions local paths that will be public: {', '.join(paths[:5])}")
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id  # "name" -> "user/name"
     if revision is not None and revision != constants.DEFAULT_REVISION:

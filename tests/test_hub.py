@@ -113,13 +113,14 @@ def test_model_card_with_no_info_and_a_local_class_conditional_teacher(tmp_path)
     assert "None" not in card.text and "class_labels=[0, 1, 2, 3]" in card.text
     assert "No evaluation results were recorded" in card.text and "10 classes" in card.text
 
-    # A teacher given as a local folder is named in the text but is no Hub base_model; FID without a data set
-    # id stays in the table only (the Hub's model-index needs a data set).
+    # A teacher given as a local folder is named (by its last path component only, never its path) but is no Hub
+    # base_model; FID without a data set id stays in the table only (the Hub's model-index needs a data set).
     card = save_model_card(tmp_path, mode="ect", base_model=str(tmp_path), eval_results={"fid_1step": 9.0},
                            license="mit", dataset=str(tmp_path), sampling={"sigmas": torch.tensor([80.0, 0.5])})
     assert card.data.base_model is None and card.data.datasets is None and card.data.license == "mit"
     assert "sigmas=[80.0, 0.5]" in card.text and load_card_info(tmp_path)["sampling"] == {"sigmas": [80.0, 0.5]}
-    assert str(tmp_path) in card.text and "| FID, 1 step | 9 |" in card.text
+    assert str(tmp_path) not in card.text and f"{tmp_path.name} (a local folder)" in card.text
+    assert "| FID, 1 step | 9 |" in card.text
     assert "model-index" not in card.data.to_dict()
 
 

@@ -73,7 +73,8 @@ def test_save_load_roundtrip_restores_weights_step_and_extra_objects(tmp_path):
     counter.value = 7
     path = save_checkpoint(accelerator, str(tmp_path), global_step=5)
     assert path == str(tmp_path / "checkpoint-5")
-    assert json.loads((tmp_path / "checkpoint-5" / "training_state.json").read_text()) == {"global_step": 5}
+    state = json.loads((tmp_path / "checkpoint-5" / "training_state.json").read_text())
+    assert state == {"global_step": 5, "settings": {}}
     saved = {k: v.clone() for k, v in model.state_dict().items()}
 
     train_step(model, optimizer)

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cm_diffusers.safety import positive_int
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -77,7 +79,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--resolution",
-        type=int,
+        type=positive_int,
         default=None,
         help="Images are resized (shorter side) and center-cropped to this size (default: the data's own size).",
     )
@@ -94,7 +96,10 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="Horizontal flips: each epoch shows every image once as is and once mirrored, in random order.",
     )
     group.add_argument(
-        "--max_train_samples", type=int, default=None, help="Train on at most this many images (for quick runs)."
+        "--max_train_samples",
+        type=positive_int,
+        default=None,
+        help="Train on at most this many images (for quick runs).",
     )
     group.add_argument(
         "--on_bad_image",
@@ -160,6 +165,9 @@ def load_source(args) -> datasets.Dataset:
         path, kwargs = "imagefolder", {"data_dir": args.train_data_dir}
     else:
         path, kwargs = args.dataset_name, {"name": args.dataset_config_name}
+    if args.train_data_dir is not None or os.path.isdir(path):
+        # local files are not downloaded: datasets' "Downloading data" bar would be misleading, so it says what it does
+        kwargs["download_config"] = datasets.DownloadConfig(download_desc="Indexing local files")
     if os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(os.path.join(path, "dataset_dict.json")):
         saved = datasets.load_from_disk(path)  # a folder written by `save_to_disk`
         return saved[args.dataset_split] if isinstance(saved, datasets.DatasetDict) else saved

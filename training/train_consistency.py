@@ -50,15 +50,41 @@ if __package__ in (None, ""):  # run as a script: make the repository's `trainin
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cm_diffusers import ConsistencyPipeline, ConsistencyScheduler  # noqa: E402
-from cm_diffusers.losses import Curriculum, DenoiserLoss, build_loss, make_distance, unet_forward  # noqa: E402
+from cm_diffusers.losses import (  # noqa: E402
+    Curriculum,
+    DenoiserLoss,
+    build_loss,
+    make_distance,
+    shared_dropout,
+)
+from cm_diffusers.networks import unet_forward  # noqa: E402
 from cm_diffusers.parameterization import karras_sigmas  # noqa: E402
+from cm_diffusers.safety import (  # noqa: E402
+    finite_float,
+    float_at_least,
+    float_in,
+    int_at_least,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    redact_command,
+    save_image_atomic,
+)
 from cm_diffusers.training_utils import (  # noqa: E402
+    apply_optimizer_flags,
+    check_model_source,
     default_unet_config,
     find_checkpoint,
     load_checkpoint,
     make_accelerator,
+    public_config,
     raise_if_not_finite,
+    raise_if_weights_not_finite,
+    run_script,
     save_checkpoint,
+    save_pretrained_atomic,
+    truncate_log,
 )
 from training.data import add_data_args, build_dataset, num_classes  # noqa: E402
 
@@ -104,15 +130,24 @@ def parse_args(argv=None):
         help="Start the student from random weights even when its architecture matches the teacher's.",
     )
     group.add_argument("--class_conditional", action="store_true", help="ct/ict: condition on the data's labels.")
-    group.add_argument("--dropout", type=float, default=None, help="Dropout of the student (cd 0, ict 0.3, ect 0.2).")
-    group.add_argument("--sigma_min", type=float, default=0.002, help="epsilon (within the teacher's range in cd).")
-    group.add_argument("--sigma_max", type=float, default=80.0, help="Largest noise level (ditto).")
-    group.add_argument("--sigma_data", type=float, default=0.5, help="sigma_data of the boundary scalings.")
-    group.add_argument("--rho", type=float, default=7.0, help="Exponent of the Karras grid.")
+    group.add_argument(
+        "--dropout",
+        type=float_in(0, 1, high_open=True),
+        default=None,
+        help="Dropout of the student (cd 0, ict 0.3, ect 0.2).",
+    )
+    group.add_argument(
+        "--sigma_min", type=positive_float, default=0.002, help="epsilon (within the teacher's range in cd)."
+    )
+    group.add_argument("--sigma_max", type=positive_float, default=80.0, help="Largest noise level (ditto).")
+    group.add_argument("--sigma_data", type=positive_float, default=0.5, help="sigma_data of the boundary scalings.")
+    group.add_argument("--rho", type=positive_float, default=7.0, help="Exponent of the Karras grid.")
     group.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory.")
 
     group = parser.add_argument_group("loss and schedule")
-    group.add_argument("--num_scales", type=int, default=None, help="cd: grid size N (18 CIFAR, 40 ImageNet-64).")
+    group.add_argument(
+        "--num_scales", type=int_at_least(2), default=None, help="cd: grid size N (18 CIFAR, 40 ImageNet-64)."
+    )
     group.add_argument("--ode_solver", type=str, default="heun", choices=["heun", "euler"], help="cd teacher step.")
     group.add_argument(
         "--teacher_clip_denoised",
@@ -125,10 +160,12 @@ def parse_args(argv=None):
     group.add_argument(
         "--loss_type", type=str, default=None, choices=["l2", "l1", "pseudo_huber", "lpips"], help="Distance d."
     )
-    group.add_argument("--huber_c", type=float, default=None, help="Pseudo-Huber c (default 0.00054 sqrt(d)).")
+    group.add_argument(
+        "--huber_c", type=positive_float, default=None, help="Pseudo-Huber c (default 0.00054 sqrt(d))."
+    )
     group.add_argument(
         "--denoiser_warmup_steps",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="Spend the first W of --max_train_steps regressing f(x + sigma z, sigma) onto a denoiser before the "
         "consistency loss (curricula start after them): makes a student started from a DDPM eps-teacher a "
@@ -143,44 +180,71 @@ def parse_args(argv=None):
         "matching without any teacher output (default in ct/ict/ect).",
     )
     group.add_argument(
-        "--target_ema_decay", type=float, default=None, help="cd: target EMA rate mu (0: stop-grad of online)."
+        "--target_ema_decay",
+        type=float_in(0, 1, high_open=True),
+        default=None,
+        help="cd: target EMA rate mu (0: stop-grad of online).",
     )
-    group.add_argument("--s0", type=int, default=None, help="ct/ict curriculum: initial N (ct 2, ict 10).")
-    group.add_argument("--s1", type=int, default=None, help="ct/ict curriculum: final N (ct 150, ict 1280).")
-    group.add_argument("--mu0", type=float, default=None, help="ct: target EMA rate at N = s0 (0.9).")
-    group.add_argument("--p_mean", type=float, default=-1.1, help="ict/ect: mean of ln sigma.")
-    group.add_argument("--p_std", type=float, default=2.0, help="ict/ect: std of ln sigma.")
-    group.add_argument("--ect_q", type=float, default=2.0, help="ect: the gap sigma - r shrinks by q per stage.")
-    group.add_argument("--ect_k", type=float, default=8.0, help="ect: adj(sigma) = 1 + k sigmoid(-b sigma).")
-    group.add_argument("--ect_b", type=float, default=1.0, help="ect: see --ect_k.")
-    group.add_argument("--ect_num_stages", type=int, default=8, help="ect: equal stages over --max_train_steps.")
-    group.add_argument("--sigma_mid", type=float, default=0.821, help="Middle level of 2-step samples (iCT CIFAR).")
+    group.add_argument("--s0", type=positive_int, default=None, help="ct/ict curriculum: initial N (ct 2, ict 10).")
+    group.add_argument("--s1", type=positive_int, default=None, help="ct/ict curriculum: final N (ct 150, ict 1280).")
+    group.add_argument(
+        "--mu0", type=float_in(0, 1, high_open=True), default=None, help="ct: target EMA rate at N = s0 (0.9)."
+    )
+    group.add_argument("--p_mean", type=finite_float, default=-1.1, help="ict/ect: mean of ln sigma.")
+    group.add_argument("--p_std", type=positive_float, default=2.0, help="ict/ect: std of ln sigma.")
+    group.add_argument(
+        "--ect_q",
+        type=float_at_least(1, strict=True),
+        default=2.0,
+        help="ect: the gap sigma - r shrinks by q per stage.",
+    )
+    group.add_argument(
+        "--ect_k", type=non_negative_float, default=8.0, help="ect: adj(sigma) = 1 + k sigmoid(-b sigma)."
+    )
+    group.add_argument("--ect_b", type=non_negative_float, default=1.0, help="ect: see --ect_k.")
+    group.add_argument(
+        "--ect_num_stages", type=positive_int, default=8, help="ect: equal stages over --max_train_steps."
+    )
+    group.add_argument(
+        "--sigma_mid", type=positive_float, default=0.821, help="Middle level of 2-step samples (iCT CIFAR)."
+    )
 
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--train_batch_size", type=int, default=64, help="Batch size per process.")
-    group.add_argument("--max_train_steps", type=int, default=10000, help="Optimizer steps K (sets curricula).")
-    group.add_argument("--learning_rate", type=float, default=None, help="cd/ct 4e-4, ict/ect 1e-4.")
+    group.add_argument("--train_batch_size", type=positive_int, default=64, help="Batch size per process.")
+    group.add_argument(
+        "--max_train_steps", type=positive_int, default=10000, help="Optimizer steps K (sets curricula)."
+    )
+    group.add_argument("--learning_rate", type=positive_float, default=None, help="cd/ct 4e-4, ict/ect 1e-4.")
     group.add_argument("--optimizer", type=str, default="radam", choices=["radam", "adamw"], help="RAdam (paper).")
-    group.add_argument("--adam_beta1", type=float, default=0.9)
-    group.add_argument("--adam_beta2", type=float, default=0.999)
-    group.add_argument("--adam_weight_decay", type=float, default=0.0)
-    group.add_argument("--adam_epsilon", type=float, default=1e-8)
+    group.add_argument("--adam_beta1", type=float_in(0, 1, high_open=True), default=0.9)
+    group.add_argument("--adam_beta2", type=float_in(0, 1, high_open=True), default=0.999)
+    group.add_argument("--adam_weight_decay", type=non_negative_float, default=0.0)
+    group.add_argument("--adam_epsilon", type=positive_float, default=1e-8)
     group.add_argument("--lr_scheduler", type=str, default="constant_with_warmup", help="diffusers get_scheduler.")
-    group.add_argument("--lr_warmup_steps", type=int, default=0, help="Linear warm-up steps.")
-    group.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping (0: none).")
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--lr_warmup_steps", type=non_negative_int, default=0, help="Linear warm-up steps.")
+    group.add_argument("--max_grad_norm", type=non_negative_float, default=1.0, help="Gradient clipping (0: none).")
+    group.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
     group.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
-    group.add_argument("--ema_decay", type=float, default=0.9999, help="Evaluation EMA (0: save online weights).")
-    group.add_argument("--dataloader_num_workers", type=int, default=0)
+    group.add_argument(
+        "--ema_decay",
+        type=float_in(0, 1, high_open=True),
+        default=0.9999,
+        help="Evaluation EMA (0: save online weights).",
+    )
+    group.add_argument("--dataloader_num_workers", type=non_negative_int, default=0)
 
     group = parser.add_argument_group("logging, checkpoints, hub")
     group.add_argument("--report_to", type=str, default="none", choices=["none", "tensorboard"])
     group.add_argument("--logging_dir", type=str, default="logs", help="Relative to --output_dir.")
     group.add_argument("--log_every_rank", action="store_true", help="Every rank logs its schedule and loss.")
-    group.add_argument("--validation_steps", type=int, default=0, help="1-/2-step sample grids every N steps.")
-    group.add_argument("--num_validation_images", type=int, default=16)
-    group.add_argument("--checkpointing_steps", type=int, default=0, help="Save a resumable state every N steps.")
-    group.add_argument("--checkpoints_total_limit", type=int, default=None)
+    group.add_argument(
+        "--validation_steps", type=non_negative_int, default=0, help="1-/2-step sample grids every N steps."
+    )
+    group.add_argument("--num_validation_images", type=positive_int, default=16)
+    group.add_argument(
+        "--checkpointing_steps", type=non_negative_int, default=0, help="Save a resumable state every N steps."
+    )
+    group.add_argument("--checkpoints_total_limit", type=positive_int, default=None)
     group.add_argument(
         "--resume_from_checkpoint",
         type=str,
@@ -189,17 +253,31 @@ def parse_args(argv=None):
     )
     group.add_argument("--push_to_hub", action="store_true", help="Upload the pipeline (no checkpoints or logs).")
     group.add_argument("--hub_model_id", type=str, default=None, help="Repo id (default: output folder name).")
-    group.add_argument("--hub_token", type=str, default=None)
+    group.add_argument(
+        "--hub_token",
+        type=str,
+        default=None,
+        help="A Hub write token for --push_to_hub. Prefer the HF_TOKEN environment variable (or `hf auth login`); "
+        "either way the token is never written into the model card, the logs or anything pushed.",
+    )
     group.add_argument("--hub_private_repo", action="store_true")
 
     add_data_args(parser)
     args = parser.parse_args(argv)
-    args.command_line = shlex.join(str(arg) for arg in (sys.argv[1:] if argv is None else argv))  # for the card
+    # for the card and the logs: secret values (--hub_token, any --*key*/--*password*) are never recorded
+    args.command_line = shlex.join(redact_command(sys.argv[1:] if argv is None else argv, keep_paths=True))
     for name, value in MODE_DEFAULTS[args.mode].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.mode in ("cd", "ect") and args.teacher_model_name_or_path is None:
         parser.error(f"--mode {args.mode} starts from a diffusion model: pass --teacher_model_name_or_path.")
+    if args.teacher_model_name_or_path is not None:
+        try:  # now, not after minutes of data loading
+            check_model_source(args.teacher_model_name_or_path, "--teacher_model_name_or_path")
+        except (ValueError, FileNotFoundError) as error:
+            parser.error(str(error))
+    if not args.sigma_min < args.sigma_max:
+        parser.error(f"--sigma_min ({args.sigma_min}) must be below --sigma_max ({args.sigma_max}).")
     if args.mode == "cd" and args.num_scales < 2:
         parser.error("--num_scales must be at least 2.")
     if args.mode == "cd" and not 0 <= args.target_ema_decay < 1:
@@ -208,8 +286,6 @@ def parse_args(argv=None):
         parser.error("The curriculum needs 1 <= --s0 <= --s1.")
     if args.mode == "ct" and not 0 < args.mu0 < 1:
         parser.error("--mu0 must lie in (0, 1).")
-    if args.max_train_steps < 1 or args.ect_num_stages < 1 or args.gradient_accumulation_steps < 1:
-        parser.error("--max_train_steps, --ect_num_stages and --gradient_accumulation_steps must be at least 1.")
     if not 0 <= args.denoiser_warmup_steps < args.max_train_steps:
         parser.error("--denoiser_warmup_steps must lie in [0, --max_train_steps): the consistency loss needs steps.")
     if args.denoiser_warmup_target is None:
@@ -353,7 +429,7 @@ def log_validation(accelerator, unet, ema, scheduler, schedules, args, global_st
     folder = os.path.join(args.output_dir, "samples")
     os.makedirs(folder, exist_ok=True)
     for name, (grid, images) in grids.items():
-        grid.save(os.path.join(folder, f"step_{global_step:07d}_{name}.png"))
+        save_image_atomic(grid, os.path.join(folder, f"step_{global_step:07d}_{name}.png"))
         if args.report_to == "tensorboard":
             tracker = accelerator.get_tracker("tensorboard", unwrap=True)
             tracker.add_images(f"samples_{name}", images, global_step, dataformats="NHWC")
@@ -423,13 +499,7 @@ def main(args):
     torch.manual_seed(args.seed + accelerator.process_index)  # noise and dropout differ per rank, weights below do not
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
-    # 1. Data
-    with accelerator.main_process_first():  # downloads and dataset caches are written once
-        dataset = build_dataset(args)
-    pixel_shape = dataset[0]["pixel_values"].shape
-    channels, resolution = pixel_shape[0], pixel_shape[-1]
-
-    # 2. Teacher (cd: the ODE steps; cd and ect: the initialisation), student, target, evaluation EMA
+    # 1. Teacher (cd: the ODE steps; cd and ect: the initialisation), first: a bad teacher fails before data loads
     teacher = None
     sigma_min, sigma_max = args.sigma_min, args.sigma_max
     if args.teacher_model_name_or_path is not None:
@@ -441,6 +511,12 @@ def main(args):
         # the teacher knows nothing outside its own noise range
         sigma_min, sigma_max = max(sigma_min, float(teacher.sigma_min)), min(sigma_max, float(teacher.sigma_max))
         logger.info(f"Teacher {args.teacher_model_name_or_path} ({teacher.kind}): sigma in [{sigma_min}, {sigma_max}]")
+
+    # 2. Data, then the student, target and evaluation EMA
+    with accelerator.main_process_first():  # downloads and dataset caches are written once
+        dataset = build_dataset(args)
+    pixel_shape = dataset[0]["pixel_values"].shape
+    channels, resolution = pixel_shape[0], pixel_shape[-1]
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     unet = build_student(args, teacher, resolution, channels, num_classes(dataset))
     torch.manual_seed(args.seed + accelerator.process_index)
@@ -522,10 +598,11 @@ def main(args):
     checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if checkpoint is not None:
         global_step = load_checkpoint(accelerator, checkpoint)
+        # the command line's learning rate and Adam settings win over the checkpoint's (a changed --optimizer is
+        # refused): lowering the learning rate after a divergence must take effect
+        apply_optimizer_flags(checkpoint, optimizer, lr_scheduler, optimizer_settings(args))
     if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers(
-            "train_consistency", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        )
+        accelerator.init_trackers("train_consistency", config=public_config(args))
 
     batches = StepIndexedBatches(
         len(dataset),
@@ -561,14 +638,19 @@ def main(args):
     if accelerator.is_main_process or args.log_every_rank:
         os.makedirs(logging_dir, exist_ok=True)
         suffix = f"_rank{accelerator.process_index}" if args.log_every_rank else ""
-        rank_log = open(os.path.join(logging_dir, f"train_log{suffix}.jsonl"), "a")
+        log_path = os.path.join(logging_dir, f"train_log{suffix}.jsonl")
+        truncate_log(log_path, global_step)  # steps after the checkpoint are run again: log them once
+        rank_log = open(log_path, "a")
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
         f"***** {args.mode}: {len(dataset)} images, total batch {total_batch}, steps {global_step} -> "
         f"{args.max_train_steps} *****"
     )
-    progress = tqdm(total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process)
+    progress = tqdm(
+        total=args.max_train_steps, initial=global_step, unit="step", disable=not accelerator.is_local_main_process
+    )
+    session_start, session_steps = time.perf_counter(), 0
 
     # 5. The loop: load batch, sample levels, loss, backward, step, update target/EMA, log, checkpoint
     while global_step < args.max_train_steps:
@@ -617,8 +699,12 @@ def main(args):
         }
         logs["step_time"] = time.perf_counter() - step_start  # wall time of the step: .item() synchronised above
         logs["data_time"] = data_time
+        session_steps += 1
+        images_per_second = total_batch * session_steps / (time.perf_counter() - session_start)
         progress.update(1)
-        progress.set_postfix(loss=f"{logs['loss']:.4g}", N=levels.num_scales)
+        progress.set_postfix(
+            {"loss": f"{logs['loss']:.4g}", "N": levels.num_scales, "images/s": f"{images_per_second:.1f}"}
+        )
         accelerator.log(logs, step=global_step)
         if rank_log is not None:
             if args.log_every_rank:  # lets a multi-process run prove that every rank holds the same weights
@@ -627,12 +713,18 @@ def main(args):
             rank_log.flush()
 
         if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+            # weights of 1e30 are finite yet give NaN next step: the check includes the loss of the new weights
+            raise_if_diverged(accelerator, args, global_step, raw_unet, target_unet, ema, optimizer,
+                              lambda: step_loss_fn(student, target, sample, levels, class_labels)[0])  # fmt: skip
+            save_checkpoint(
+                accelerator, args.output_dir, global_step, args.checkpoints_total_limit, optimizer_settings(args)
+            )
         if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
             log_validation(accelerator, raw_unet, ema, scheduler, schedules, args, global_step)
     progress.close()
 
     # 6. Save the pipeline with the evaluation (EMA) weights, sample grids and the model card; only the main process
+    raise_if_diverged(accelerator, args, global_step, raw_unet, target_unet, ema, optimizer)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final_levels = curriculum(max(global_step - warmup_steps, 0))
@@ -646,6 +738,29 @@ def main(args):
     return global_step
 
 
+def optimizer_settings(args) -> dict:
+    """The flags a checkpoint records and a resumed run compares (see `apply_optimizer_flags`)."""
+    names = ("optimizer", "learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
+             "lr_scheduler", "lr_warmup_steps")  # fmt: skip
+    return {name: getattr(args, name) for name in names}
+
+
+def raise_if_diverged(accelerator, args, global_step, unet, target_unet, ema, optimizer, loss=None):
+    """Stops before saving weights that are not finite, or whose `loss()` is not (a FloatingPointError naming the
+    last good checkpoint). The probe runs without gradients on a forked RNG, so the run's random draws stay as they
+    would be without it."""
+    modules = [unet] + ([target_unet] if target_unet is not None else [])
+    states = [("optimizer state", optimizer.state_dict())]
+    if ema is not None:
+        states.append(("EMA weights", ema.shadow_params))
+
+    def probe():
+        with torch.no_grad(), shared_dropout(accelerator.device), accelerator.autocast():
+            return loss().detach()
+
+    raise_if_weights_not_finite(accelerator, global_step, args.output_dir, modules, states, probe if loss else None)
+
+
 def save_pipeline(args, unet, ema, scheduler, schedules, final_levels, global_step, accelerator):
     """Writes the ConsistencyPipeline folder, 1-/2-step sample grids and the model card; pushes it if asked."""
     from cm_diffusers.hub import push_to_hub, save_model_card
@@ -655,10 +770,11 @@ def save_pipeline(args, unet, ema, scheduler, schedules, final_levels, global_st
         ema.copy_to(unet.parameters())
     unet.eval()
     pipeline = ConsistencyPipeline(unet=unet, scheduler=scheduler)
-    pipeline.save_pretrained(args.output_dir)
+    weight_bytes = sum(parameter.numel() * parameter.element_size() for parameter in unet.parameters())
+    save_pretrained_atomic(pipeline.save_pretrained, args.output_dir, needed_bytes=weight_bytes)  # all or nothing
     pipeline.set_progress_bar_config(disable=True)
     for name, (grid, _) in sample_grids(pipeline, schedules, args.num_validation_images, args.seed).items():
-        grid.save(os.path.join(args.output_dir, f"samples_{name}.png"))
+        save_image_atomic(grid, os.path.join(args.output_dir, f"samples_{name}.png"))
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     save_model_card(
@@ -683,4 +799,4 @@ def save_pipeline(args, unet, ema, scheduler, schedules, final_levels, global_st
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args(), "train_consistency.py")

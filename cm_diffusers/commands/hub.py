@@ -1,10 +1,12 @@
 """`cm-diffusers card FOLDER` writes or refreshes a model card; `cm-diffusers push FOLDER --repo_id ID` uploads the
 pipeline folder to the Hugging Face Hub (configs, safetensors, card and sample grids only)."""
 
+import argparse
 import json
 import os
 
 from ..hub import MODES
+from ..safety import float_list, int_list, positive_int
 
 
 def register(subparsers):
@@ -20,15 +22,16 @@ def register(subparsers):
     card.add_argument("--dataset", help="The training data set, ideally its Hub dataset id.")
     card.add_argument("--training_command", help="The command that trained the model.")
     card.add_argument("--hardware", help='What it was trained on, e.g. "1x A100, 6 hours".')
-    card.add_argument("--train_steps", type=int, help="Number of training steps.")
+    card.add_argument("--train_steps", type=positive_int, help="Number of training steps.")
     card.add_argument("--loss", help="The consistency loss distance, e.g. pseudo_huber or lpips.")
-    card.add_argument("--num_inference_steps", type=int, help="Recommended number of sampling steps.")
+    card.add_argument("--num_inference_steps", type=positive_int, help="Recommended number of sampling steps.")
     card.add_argument("--timesteps", type=_int_list, help='Recommended descending timesteps, e.g. "22,0".')
     card.add_argument("--sigmas", type=_float_list, help='Recommended descending noise levels, e.g. "80,0.8".')
     card.add_argument("--sample_grid", help="File name of a sample image inside FOLDER.")
     card.add_argument(
         "--eval_results",
-        help='Metrics as JSON or a JSON file, e.g. \'{"fid_1step": 12.3, "num_samples": 1000}\'.',
+        help="The results.json written by `cm-diffusers evaluate`, or metrics as JSON (or a JSON file), e.g. "
+        '\'{"fid_1step": 12.3, "num_samples": 1000}\'. Anything without a metric is refused.',
     )
     card.add_argument("--extra", help="More settings to show, as JSON or a JSON file.")
     card.add_argument("--license", help="License id (default apache-2.0).")
@@ -43,10 +46,18 @@ def register(subparsers):
     push.add_argument("folder", help="The pipeline folder (written by ConsistencyPipeline.save_pretrained).")
     push.add_argument("--repo_id", required=True, help='Target repo, "user/name" or "org/name"; created if needed.')
     push.add_argument("--private", action="store_true", help="Create the repo as private.")
-    push.add_argument("--token", help="A Hub write token (default: HF_TOKEN or the stored `hf auth login`).")
+    push.add_argument(
+        "--token",
+        help="A Hub write token. Prefer the HF_TOKEN environment variable (or `hf auth login`): a token on the "
+        "command line ends up in shell histories and process lists.",
+    )
     push.add_argument("--commit_message", help="Commit message.")
     push.add_argument("--revision", help="Branch to push to (default main).")
-    push.add_argument("--dry_run", action="store_true", help="List the files that would be uploaded; push nothing.")
+    push.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="List the files that would be uploaded and flag local paths or tokens inside them; push nothing.",
+    )
     push.set_defaults(func=run_push)
 
 
@@ -62,7 +73,7 @@ def run_card(args) -> int:
     if any(value is not None for value in sampling.values()):
         info["sampling"] = {key: value for key, value in sampling.items() if value is not None}
     if args.eval_results is not None:
-        info["eval_results"] = _json_arg(args.eval_results, "--eval_results")
+        info["eval_results"] = _eval_results_arg(args.eval_results)
     if args.extra is not None:
         info["extra"] = _json_arg(args.extra, "--extra")
     save_model_card(args.folder, **info)
@@ -71,7 +82,7 @@ def run_card(args) -> int:
 
 
 def run_push(args) -> int:
-    from ..hub import check_pipeline_folder, files_to_push, push_to_hub
+    from ..hub import check_pipeline_folder, files_to_push, find_local_paths, find_secrets, known_tokens, push_to_hub
 
     check_pipeline_folder(args.folder)
     upload, skipped = files_to_push(args.folder)
@@ -79,6 +90,12 @@ def run_push(args) -> int:
     if skipped:
         print(f"Keeping {len(skipped)} file(s) local (not part of the pipeline): {', '.join(skipped[:20])}"
               + (" ..." if len(skipped) > 20 else ""))
+    for relative, paths in find_local_paths(args.folder, upload).items():
+        print(f"Warning: {relative} mentions local path(s) that would be public: {', '.join(paths[:5])}"
+              + (" ..." if len(paths) > 5 else "") + f"; rewrite the card with `cm-diffusers card {args.folder}`.")
+    leaking = find_secrets(args.folder, upload, [args.token, *known_tokens()])
+    if leaking:
+        print(f"Warning: {', '.join(leaking)} contain(s) a Hugging Face token; push refuses to upload it.")
     if args.dry_run:
         return 0
     url = push_to_hub(args.folder, args.repo_id, token=args.token, private=args.private,
@@ -98,9 +115,25 @@ def _json_arg(value: str, flag: str) -> dict:
     return data
 
 
+def _eval_results_arg(value: str) -> dict:
+    """--eval_results: `cm-diffusers evaluate`'s results.json (converted), or a JSON object of metrics (checked)."""
+    from ..hub import check_eval_results, eval_results_from_report
+
+    data = _json_arg(value, "--eval_results")
+    if "results" in data:
+        data = eval_results_from_report(data)
+    return check_eval_results(data)
+
+
 def _int_list(text: str) -> list:
-    return [int(item) for item in text.replace(" ", "").split(",") if item]
+    try:
+        return int_list(text, "--timesteps")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _float_list(text: str) -> list:
-    return [float(item) for item in text.replace(" ", "").split(",") if item]
+    try:
+        return float_list(text, "--sigmas")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
