@@ -343,7 +343,8 @@ def raise_if_weights_not_finite(
 ):
     """Checks, before anything is saved, that every weight of `modules`, every tensor of `states` (optimizer, EMA)
     and the loss `probe()` of the current weights are finite; all ranks agree. Weights of 1e30 are finite but give a
-    NaN loss at the next step: the probe catches them, so no checkpoint of such weights is ever written.
+    NaN loss at the next step: the probe catches them, so no checkpoint of such weights is ever written. The probe
+    runs without gradients on a forked RNG, so the run draws the same random numbers as without it.
 
     Raises FloatingPointError naming the newest checkpoint, which passed this same check when it was saved.
     """
@@ -355,7 +356,10 @@ def raise_if_weights_not_finite(
         if not _all_finite(_state_tensors(state)):
             problems.append(name)
     if not problems and probe is not None:
-        loss = probe()
+        device = accelerator.device
+        devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), accelerator.autocast():
+            loss = probe().detach()
         if not bool(torch.isfinite(loss).all()):
             problems.append(f"the loss of the current weights ({loss.float().mean().item()})")
     flag = accelerator.reduce(torch.tensor(float(len(problems) > 0), device=accelerator.device), reduction="sum")

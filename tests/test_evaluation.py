@@ -301,9 +301,10 @@ def test_evaluate_then_benchmark_end_to_end(tiny_models, tmp_path):
     assert main(args) == 0
     report = json.loads((out / "results.json").read_text())
     runs = [(r["model"], r["sampler"], r["steps"], r["nfe"]) for r in report["results"]]
-    assert runs == [("consistency model", "consistency", 1, 1), ("consistency model", "consistency", 2, 2),
-                    ("teacher", "heun", 1, 1),  # NFE 2 buys no more than 1 Heun step: deduplicated
-                    ("teacher", "ddim", 1, 1), ("teacher", "ddim", 2, 2)]
+    # rows are named by model (here the folder names), not "consistency model" / "teacher"
+    assert runs == [("cm", "consistency", 1, 1), ("cm", "consistency", 2, 2),
+                    ("teacher ddpm", "heun", 1, 1),  # NFE 2 buys no more than 1 Heun step: deduplicated
+                    ("teacher ddpm", "ddim", 1, 1), ("teacher ddpm", "ddim", 2, 2)]
     assert report["reference"] == {"source": "fashion-mnist-test:res=16:n=8", "count": 8}
     for r in report["results"]:
         assert r["num_samples"] == 4 and r["fid"] > 0 and np.isfinite(r["kid"]) and r["ms_per_image"] > 0
@@ -311,8 +312,8 @@ def test_evaluate_then_benchmark_end_to_end(tiny_models, tmp_path):
     assert min(r["fid"] for r in report["results"]) > 100
     for name in ["fid_vs_nfe.png", "fid_vs_time.png", "samples/teacher-ddim-nfe2.png"]:
         assert Image.open(out / name).size[0] > 0
-    assert Image.open(out / "samples/consistency-model-1step.png").size == (32, 32)  # 4 images, 2 x 2 grid
-    assert "| teacher | ddim | 2 | 2 |" in (out / "results.md").read_text()
+    assert Image.open(out / "samples/cm-1step.png").size == (32, 32)  # 4 images, 2 x 2 grid
+    assert "| teacher ddpm | ddim | 2 | 2 |" in (out / "results.md").read_text()
 
     bench = tmp_path / "bench.json"
     assert main(["benchmark", "--model", model, "--teacher", teacher, "--eval_json", str(out / "results.json"),

@@ -50,13 +50,7 @@ if __package__ in (None, ""):  # run as a script: make the repository's `trainin
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cm_diffusers import ConsistencyPipeline, ConsistencyScheduler  # noqa: E402
-from cm_diffusers.losses import (  # noqa: E402
-    Curriculum,
-    DenoiserLoss,
-    build_loss,
-    make_distance,
-    shared_dropout,
-)
+from cm_diffusers.losses import Curriculum, DenoiserLoss, build_loss, make_distance  # noqa: E402
 from cm_diffusers.networks import unet_forward  # noqa: E402
 from cm_diffusers.parameterization import karras_sigmas  # noqa: E402
 from cm_diffusers.safety import (  # noqa: E402
@@ -747,18 +741,12 @@ def optimizer_settings(args) -> dict:
 
 def raise_if_diverged(accelerator, args, global_step, unet, target_unet, ema, optimizer, loss=None):
     """Stops before saving weights that are not finite, or whose `loss()` is not (a FloatingPointError naming the
-    last good checkpoint). The probe runs without gradients on a forked RNG, so the run's random draws stay as they
-    would be without it."""
+    last good checkpoint)."""
     modules = [unet] + ([target_unet] if target_unet is not None else [])
     states = [("optimizer state", optimizer.state_dict())]
     if ema is not None:
         states.append(("EMA weights", ema.shadow_params))
-
-    def probe():
-        with torch.no_grad(), shared_dropout(accelerator.device), accelerator.autocast():
-            return loss().detach()
-
-    raise_if_weights_not_finite(accelerator, global_step, args.output_dir, modules, states, probe if loss else None)
+    raise_if_weights_not_finite(accelerator, global_step, args.output_dir, modules, states, loss)
 
 
 def save_pipeline(args, unet, ema, scheduler, schedules, final_levels, global_step, accelerator):

@@ -28,6 +28,7 @@ import math
 import os
 import shutil
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -42,17 +43,30 @@ from diffusers.training_utils import EMAModel  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
 from cm_diffusers.parameterization import append_dims, edm_loss_weight  # noqa: E402
+from cm_diffusers.safety import (  # noqa: E402
+    finite_float,
+    float_in,
+    int_at_least,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from cm_diffusers.training_utils import (  # noqa: E402
+    apply_optimizer_flags,
     default_unet_config,
     find_checkpoint,
     load_checkpoint,
     make_accelerator,
     raise_if_not_finite,
+    raise_if_weights_not_finite,
+    run_script,
     save_checkpoint,
 )
 from training.data import add_data_args, build_dataset, num_classes  # noqa: E402
 
 logger = logging.getLogger("train_diffusion")
+BETA = float_in(0, 1, high_open=True)  # Adam's betas and EMA decays: [0, 1)
 
 
 def parse_args(argv=None):
@@ -68,7 +82,9 @@ def parse_args(argv=None):
         choices=["epsilon", "v_prediction"],
         help="What the network predicts (DDPM); EDM always trains its preconditioned F (`epsilon` in diffusers).",
     )
-    model.add_argument("--ddpm_num_steps", type=int, default=1000, help="DDPM's number of training timesteps.")
+    model.add_argument(
+        "--ddpm_num_steps", type=int_at_least(2), default=1000, help="DDPM's number of training timesteps."
+    )
     model.add_argument(
         "--ddpm_beta_schedule",
         type=str,
@@ -76,11 +92,17 @@ def parse_args(argv=None):
         choices=["linear", "scaled_linear", "squaredcos_cap_v2"],
         help="DDPM's beta schedule.",
     )
-    model.add_argument("--sigma_min", type=float, default=0.002, help="EDM: smallest sigma of the sampling schedule.")
-    model.add_argument("--sigma_max", type=float, default=80.0, help="EDM: largest sigma of the sampling schedule.")
-    model.add_argument("--sigma_data", type=float, default=0.5, help="EDM: standard deviation of the data.")
-    model.add_argument("--p_mean", type=float, default=-1.2, help="EDM training: mean of ln sigma.")
-    model.add_argument("--p_std", type=float, default=1.2, help="EDM training: standard deviation of ln sigma.")
+    model.add_argument(
+        "--sigma_min", type=positive_float, default=0.002, help="EDM: smallest sigma of the sampling schedule."
+    )
+    model.add_argument(
+        "--sigma_max", type=positive_float, default=80.0, help="EDM: largest sigma of the sampling schedule."
+    )
+    model.add_argument("--sigma_data", type=positive_float, default=0.5, help="EDM: standard deviation of the data.")
+    model.add_argument("--p_mean", type=finite_float, default=-1.2, help="EDM training: mean of ln sigma.")
+    model.add_argument(
+        "--p_std", type=positive_float, default=1.2, help="EDM training: standard deviation of ln sigma."
+    )
     model.add_argument(
         "--edm_time_input",
         type=str,
@@ -101,9 +123,9 @@ def parse_args(argv=None):
     add_data_args(parser)
 
     train = parser.add_argument_group("training")
-    train.add_argument("--train_batch_size", type=int, default=64, help="Batch size per process.")
-    train.add_argument("--max_train_steps", type=int, default=10000, help="Number of optimizer steps.")
-    train.add_argument("--learning_rate", type=float, default=2e-4, help="Peak learning rate (AdamW).")
+    train.add_argument("--train_batch_size", type=positive_int, default=64, help="Batch size per process.")
+    train.add_argument("--max_train_steps", type=positive_int, default=10000, help="Number of optimizer steps.")
+    train.add_argument("--learning_rate", type=positive_float, default=2e-4, help="Peak learning rate (AdamW).")
     train.add_argument(
         "--lr_scheduler",
         type=str,
@@ -111,37 +133,54 @@ def parse_args(argv=None):
         choices=["cosine", "linear", "constant", "constant_with_warmup"],
         help="Learning-rate schedule after the warmup.",
     )
-    train.add_argument("--lr_warmup_steps", type=int, default=500, help="Linear warmup steps.")
-    train.add_argument("--adam_beta1", type=float, default=0.95, help="AdamW beta1.")
-    train.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
-    train.add_argument("--adam_weight_decay", type=float, default=1e-6, help="AdamW weight decay.")
-    train.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
-    train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables it).")
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per step.")
+    train.add_argument("--lr_warmup_steps", type=non_negative_int, default=500, help="Linear warmup steps.")
+    train.add_argument("--adam_beta1", type=BETA, default=0.95, help="AdamW beta1.")
+    train.add_argument("--adam_beta2", type=BETA, default=0.999, help="AdamW beta2.")
+    train.add_argument("--adam_weight_decay", type=non_negative_float, default=1e-6, help="AdamW weight decay.")
+    train.add_argument("--adam_epsilon", type=positive_float, default=1e-8, help="AdamW epsilon.")
+    train.add_argument(
+        "--max_grad_norm", type=non_negative_float, default=1.0, help="Gradient clipping norm (0 disables it)."
+    )
+    train.add_argument("--gradient_accumulation_steps", type=positive_int, default=1, help="Micro-batches per step.")
     train.add_argument(
         "--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"], help="Autocast precision."
     )
     train.add_argument("--seed", type=int, default=0, help="Seed of the weights, the data order and the noise.")
-    train.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading worker processes.")
+    train.add_argument(
+        "--dataloader_num_workers", type=non_negative_int, default=0, help="Data loading worker processes."
+    )
 
     ema = parser.add_argument_group("EMA (diffusers EMAModel with warmup, as in train_unconditional.py)")
     ema.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights; saved pipelines use it.")
-    ema.add_argument("--ema_max_decay", type=float, default=0.9999, help="Upper bound of the EMA decay.")
-    ema.add_argument("--ema_inv_gamma", type=float, default=1.0, help="EMA warmup: decay = 1 - (1 + t/inv_gamma)^-p.")
-    ema.add_argument("--ema_power", type=float, default=0.75, help="EMA warmup power p.")
+    ema.add_argument("--ema_max_decay", type=BETA, default=0.9999, help="Upper bound of the EMA decay.")
+    ema.add_argument(
+        "--ema_inv_gamma", type=positive_float, default=1.0, help="EMA warmup: decay = 1 - (1 + t/inv_gamma)^-p."
+    )
+    ema.add_argument("--ema_power", type=positive_float, default=0.75, help="EMA warmup power p.")
 
     out = parser.add_argument_group("checkpoints and outputs")
-    out.add_argument("--checkpointing_steps", type=int, default=500, help="Save the full training state every N.")
-    out.add_argument("--checkpoints_total_limit", type=int, default=3, help="Keep at most this many checkpoints.")
+    out.add_argument(
+        "--checkpointing_steps", type=positive_int, default=500, help="Save the full training state every N."
+    )
+    out.add_argument(
+        "--checkpoints_total_limit", type=positive_int, default=3, help="Keep at most this many checkpoints."
+    )
     out.add_argument(
         "--resume_from_checkpoint", type=str, default=None, help="`latest` or a checkpoint-N folder to resume from."
     )
     out.add_argument(
-        "--save_model_steps", type=int, default=1000, help="Write the pipeline folder (EMA weights) every N steps."
+        "--save_model_steps",
+        type=positive_int,
+        default=1000,
+        help="Write the pipeline folder (EMA weights) every N steps.",
     )
-    out.add_argument("--validation_steps", type=int, default=1000, help="Save a grid of samples every N steps.")
-    out.add_argument("--num_validation_images", type=int, default=16, help="Images in the validation grid.")
-    out.add_argument("--validation_inference_steps", type=int, default=50, help="DDIM / EDM-Euler sampling steps.")
+    out.add_argument(
+        "--validation_steps", type=positive_int, default=1000, help="Save a grid of samples every N steps."
+    )
+    out.add_argument("--num_validation_images", type=positive_int, default=16, help="Images in the validation grid.")
+    out.add_argument(
+        "--validation_inference_steps", type=positive_int, default=50, help="DDIM / EDM-Euler sampling steps."
+    )
     out.add_argument(
         "--report_to", type=str, default="tensorboard", choices=["tensorboard", "none"], help="Where to log."
     )
@@ -149,7 +188,9 @@ def parse_args(argv=None):
 
     args = parser.parse_args(argv)
     if args.model_type == "edm" and args.prediction_type != "epsilon":
-        raise ValueError("--model_type edm trains EDM's preconditioned network; leave --prediction_type epsilon.")
+        parser.error("--model_type edm trains EDM's preconditioned network; leave --prediction_type epsilon.")
+    if not args.sigma_min < args.sigma_max:
+        parser.error(f"--sigma_min ({args.sigma_min}) must be below --sigma_max ({args.sigma_max}).")
     return args
 
 
@@ -304,6 +345,13 @@ def save_pipeline(unet, noise_scheduler, output_dir: str, model_type: str):
     shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
+def optimizer_settings(args) -> dict:
+    """The flags a checkpoint records and a resumed run applies (see `apply_optimizer_flags`)."""
+    names = ("learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "lr_scheduler",
+             "lr_warmup_steps")  # fmt: skip
+    return {name: getattr(args, name) for name in names}
+
+
 def tracker_config(args) -> dict:
     """TensorBoard's hparams accept only numbers, strings and booleans."""
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
@@ -386,6 +434,8 @@ def main(args):
     checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if checkpoint is not None:
         global_step = load_checkpoint(accelerator, checkpoint)
+        # the command line's learning rate and Adam settings win over the checkpoint's
+        apply_optimizer_flags(checkpoint, optimizer, lr_scheduler, optimizer_settings(args))
     steps_per_epoch = len(train_dataloader) // args.gradient_accumulation_steps
     if steps_per_epoch == 0:
         raise ValueError("--gradient_accumulation_steps is larger than the number of batches per epoch.")
@@ -401,8 +451,13 @@ def main(args):
     loss_fn = ddpm_loss if args.model_type == "ddpm" else edm_loss
     loss_kwargs = {} if args.model_type == "ddpm" else {"p_mean": args.p_mean, "p_std": args.p_std}
     progress = tqdm(
-        total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="steps"
+        total=args.max_train_steps,
+        initial=global_step,
+        disable=not accelerator.is_local_main_process,
+        desc="steps",
+        unit="step",
     )
+    session_start, session_steps = time.perf_counter(), 0
 
     # The loop
     for epoch in range(first_epoch, num_epochs):
@@ -440,13 +495,25 @@ def main(args):
             logs = {"loss": mean_loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
             if ema is not None:
                 logs["ema_decay"] = ema.cur_decay_value
+            session_steps += 1
+            images_per_second = total_batch * session_steps / (time.perf_counter() - session_start)
             progress.update(1)
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            progress.set_postfix(
+                {"loss": f"{logs['loss']:.4f}", "lr": f"{logs['lr']:.2e}", "images/s": f"{images_per_second:.1f}"}
+            )
             accelerator.log(logs, step=global_step)
 
             done = global_step >= args.max_train_steps
             if global_step % args.checkpointing_steps == 0 or done:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                # weights of 1e30 are finite yet give NaN next step: the check includes the loss of the new weights
+                states = [("optimizer state", optimizer.state_dict())]
+                states += [("EMA weights", ema.shadow_params)] if ema is not None else []
+                again = step_generator(args.seed, micro_index, accelerator.process_index, clean.device)
+                probe = lambda: loss_fn(model, noise_scheduler, clean, class_labels, again, **loss_kwargs)  # noqa: E731
+                raise_if_weights_not_finite(accelerator, global_step, args.output_dir, [model], states, probe)
+                save_checkpoint(
+                    accelerator, args.output_dir, global_step, args.checkpoints_total_limit, optimizer_settings(args)
+                )
             if accelerator.is_main_process and (global_step % args.validation_steps == 0 or done):
                 validate(accelerator, model, ema, noise_scheduler, args, global_step, class_count)
             if accelerator.is_main_process and (global_step % args.save_model_steps == 0 or done):
@@ -485,4 +552,4 @@ def validate(accelerator, model, ema, noise_scheduler, args, global_step, class_
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args(), "train_diffusion.py")

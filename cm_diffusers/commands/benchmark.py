@@ -8,7 +8,8 @@ import time
 
 import torch
 
-from .evaluate import consistency_generator, load_models, teacher_generator
+from ..safety import check_folder_path, positive_float, positive_int, write_text_atomic
+from .evaluate import consistency_generator, load_models, model_label, teacher_generator
 
 
 def register(subparsers):
@@ -21,14 +22,15 @@ def register(subparsers):
     parser.add_argument("--eval_json", default=None,
                         help="results.json of `cm-diffusers evaluate`: the teacher is timed at the cheapest "
                         "sampler/NFE whose FID is at least as good as the consistency model's.")
-    parser.add_argument("--teacher_nfe", type=int, default=None,
+    parser.add_argument("--teacher_nfe", type=positive_int, default=None,
                         help="Time the teacher at this NFE instead (with --teacher_sampler).")
     parser.add_argument("--teacher_sampler", default="heun", choices=["heun", "euler", "ddim"],
                         help="Sampler used with --teacher_nfe.")
     parser.add_argument("--steps", default="1,2", help="Comma-separated consistency step counts to time.")
-    parser.add_argument("--price_per_hour", type=float, default=2.5, help="Price of this machine per hour (USD).")
-    parser.add_argument("--batch_size", type=int, default=64, help="Images per batch.")
-    parser.add_argument("--num_batches", type=int, default=5,
+    parser.add_argument("--price_per_hour", type=positive_float, default=2.5,
+                        help="Price of this machine per hour (USD).")
+    parser.add_argument("--batch_size", type=positive_int, default=64, help="Images per batch.")
+    parser.add_argument("--num_batches", type=positive_int, default=5,
                         help="Timed batches per configuration (after 1 warm-up).")
     parser.add_argument("--seed", type=int, default=0, help="Noise seed.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device.")
@@ -82,15 +84,23 @@ def run(args) -> int:
 
     if (args.eval_json is None) == (args.teacher_nfe is None):
         raise ValueError("Pass exactly one of --eval_json (match the teacher's FID) and --teacher_nfe (a fixed NFE).")
-    if args.batch_size < 1 or args.num_batches < 1:
-        raise ValueError("--batch_size and --num_batches must be positive.")
     steps = parse_int_list(args.steps, "--steps")
+    check_folder_path(os.path.dirname(os.path.abspath(args.output_json)), "--output_json")
     eval_report = None
     if args.eval_json is not None:
         with open(args.eval_json) as f:
-            eval_report = json.load(f)
+            try:
+                eval_report = json.load(f)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"--eval_json {args.eval_json} is not JSON: {error}") from None
+        if not isinstance(eval_report, dict) or not isinstance(eval_report.get("results"), list):
+            raise ValueError(f"--eval_json {args.eval_json} is not a results.json of `cm-diffusers evaluate`.")
 
     pipe, teacher = load_models(args.model, args.teacher, args.device)
+    from ..shipped_models import DEFAULT_MODEL
+
+    model_name = model_label(args.model or DEFAULT_MODEL, "consistency model")
+    teacher_name = f"teacher {model_label(args.teacher, '')}"
     entries, comparisons, timed = [], [], {}
 
     def time_entry(key, generate, **fields):
@@ -110,10 +120,10 @@ def run(args) -> int:
             teacher_fid = target["fid"]
         else:
             sampler, nfe, matched, teacher_fid = args.teacher_sampler, args.teacher_nfe, None, None
-        cm_speed = time_entry(("cm", k), consistency_generator(pipe, k), model="consistency model",
+        cm_speed = time_entry(("cm", k), consistency_generator(pipe, k), model=model_name,
                               sampler="consistency", steps=k, nfe=k, fid=cm_fid)
         teacher_speed = time_entry(("teacher", sampler, nfe), teacher_generator(teacher, sampler, nfe, args.device),
-                                   model="teacher", sampler=sampler, nfe=nfe, fid=teacher_fid)
+                                   model=teacher_name, sampler=sampler, nfe=nfe, fid=teacher_fid)
         comparisons.append({
             "consistency_steps": k, "teacher_sampler": sampler, "teacher_nfe": nfe, "fid_matched": matched,
             "consistency_fid": cm_fid, "teacher_fid": teacher_fid,
@@ -125,9 +135,7 @@ def run(args) -> int:
               "num_batches": args.num_batches, "batch_size": args.batch_size, "device": str(args.device),
               "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
               "eval_json": args.eval_json, "entries": entries, "comparisons": comparisons}
-    os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-    with open(args.output_json, "w") as f:
-        json.dump(report, f, indent=2)
+    write_text_atomic(args.output_json, json.dumps(report, indent=2))
 
     print(f"{'configuration':<28}{'NFE':>5}{'FID':>9}{'images/s':>11}{'ms/image':>11}{'$/1M images':>13}")
     for e in entries:

@@ -5,7 +5,17 @@ import os
 import numpy as np
 import torch
 
-from .generate import DTYPES, make_grid, parse_float_list, parse_int_list
+from ..safety import (
+    check_image_path,
+    float_list,
+    int_at_least,
+    int_list,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    save_image_atomic,
+)
+from .generate import DTYPES, list_type, make_grid
 
 TASKS = {
     "inpaint": "Regenerate the white region of --mask, keep the rest of --image exactly.",
@@ -30,15 +40,16 @@ def register(subparsers):
             task_parser.add_argument("--mask", required=True,
                                      help="Mask PNG of the image's size: white = regenerate, black = keep.")
         if task == "super-resolve":
-            task_parser.add_argument("--scale_factor", type=int, required=True,
+            task_parser.add_argument("--scale_factor", type=int_at_least(2), required=True,
                                      help="Integer upsampling factor; it must divide the model's height and width.")
         if task == "denoise":
-            task_parser.add_argument("--sigma", type=float, required=True,
+            task_parser.add_argument("--sigma", type=positive_float, required=True,
                                      help="Noise std of the image in the model's [-1, 1] space, e.g. 0.5.")
             task_parser.add_argument("--add_noise", action="store_true",
                                      help="Add noise of std --sigma to a clean --image first (a demo round trip).")
         if task == "interpolate":
-            task_parser.add_argument("--num_frames", type=int, default=8, help="Frames from noise a to noise b.")
+            task_parser.add_argument("--num_frames", type=int_at_least(2), default=8,
+                                     help="Frames from noise a to noise b.")
             task_parser.add_argument("--seed_b", type=int, default=None,
                                      help="Seed of the second noise (default: --seed + 1).")
         task_parser.set_defaults(func=run)
@@ -50,18 +61,19 @@ def _add_common_arguments(parser, task):
     parser.add_argument("--output", default=f"{task}.png",
                         help="Output PNG; several results (--num_samples, interpolation frames) form a grid.")
     if task not in ("denoise", "stroke"):
-        parser.add_argument("--steps", type=int, default=None,
+        parser.add_argument("--steps", type=positive_int, default=None,
                             help=f"Number of network evaluations (default {1 if task == 'interpolate' else 10}).")
     if task != "denoise":
-        parser.add_argument("--timesteps", default=None,
+        parser.add_argument("--timesteps", type=list_type(int_list, "--timesteps"), default=None,
                             help="Comma-separated descending grid indices, e.g. 22,0 (instead of --steps).")
-        parser.add_argument("--sigmas", default=None,
+        parser.add_argument("--sigmas", type=list_type(float_list, "--sigmas"), default=None,
                             help="Comma-separated descending noise levels (instead of --steps)"
                                  + ("; default: the paper's 5.38,2.24 scaled by sigma_max / 80." if task == "stroke"
                                     else "."))
-    parser.add_argument("--num_samples", type=int, default=1,
+    parser.add_argument("--num_samples", type=positive_int, default=1,
                         help="Independent results per input (rows of interpolations for interpolate).")
-    parser.add_argument("--class_label", type=int, default=None, help="Class label for class-conditional models.")
+    parser.add_argument("--class_label", type=non_negative_int, default=None,
+                        help="Class label for class-conditional models.")
     parser.add_argument("--seed", type=int, default=0, help="Random seed; the same seed gives the same result.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device.")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="Weights and compute dtype.")
@@ -86,10 +98,13 @@ def run(args) -> int:
         given = [name for name in ("steps", "timesteps", "sigmas") if getattr(args, name, None) is not None]
         if len(given) > 1:
             raise ValueError(f"Pass at most one of --steps, --timesteps and --sigmas, got {given}.")
-        schedule = {"num_inference_steps": getattr(args, "steps", None), "timesteps": parse_int_list(args.timesteps),
-                    "sigmas": parse_float_list(args.sigmas)}
-    if args.num_samples < 1:
-        raise ValueError(f"--num_samples must be positive, got {args.num_samples}.")
+        schedule = {"num_inference_steps": getattr(args, "steps", None), "timesteps": args.timesteps,
+                    "sigmas": args.sigmas}
+    check_image_path(args.output, "--output")  # before the model loads: a bad path must not cost the work
+    for flag in ("image", "mask"):
+        path = getattr(args, flag, None)
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"No such image: {path} (--{flag}).")
 
     pipe = ConsistencyPipeline.from_pretrained(args.model or DEFAULT_MODEL, dtype=DTYPES[args.dtype])
     pipe = pipe.to(args.device)
@@ -130,11 +145,10 @@ def run(args) -> int:
 def _save(images: np.ndarray, path: str, nrow=None) -> int:
     from PIL import Image
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if len(images) == 1:
         image = (images[0] * 255).round().astype(np.uint8)
-        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+        save_image_atomic(Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image), path)
     else:
-        make_grid(images, nrow=nrow).save(path)
+        save_image_atomic(make_grid(images, nrow=nrow), path)
     print(f"Saved {len(images)} image(s) to {path}")
     return 0

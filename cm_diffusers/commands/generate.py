@@ -1,11 +1,18 @@
-"""`cm-diffusers generate`: sample a PNG grid (and optionally single images) from a consistency model."""
+"""`cm-diffusers generate`: sample a PNG grid (and optionally single images) from a consistency model.
 
+Every flag and the output paths are checked before the model is loaded; images are written through a temporary file
+and an atomic rename, so two processes writing the same path leave one complete image, never a mix.
+"""
+
+import argparse
 import math
 import os
 
 import numpy as np
 import torch
 from PIL import Image
+
+from ..safety import check_folder_path, check_image_path, float_list, int_list, positive_int, save_image_atomic
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -14,31 +21,39 @@ def register(subparsers):
     parser = subparsers.add_parser("generate", help="Generate images with a consistency model (1 step by default).")
     parser.add_argument("--model", default=None,
                         help="Pipeline folder, Hub repo id, or shipped short name (default: fashion-mnist-cd).")
-    parser.add_argument("--num_images", type=int, default=16, help="Number of images to generate.")
-    parser.add_argument("--batch_size", type=int, default=64, help="Images per network call.")
-    parser.add_argument("--steps", type=int, default=None, help="Number of consistency steps (default 1).")
-    parser.add_argument("--timesteps", default=None,
+    parser.add_argument("--num_images", type=positive_int, default=16, help="Number of images to generate.")
+    parser.add_argument("--batch_size", type=positive_int, default=64, help="Images per network call.")
+    parser.add_argument("--steps", type=positive_int, default=None, help="Number of consistency steps (default 1).")
+    parser.add_argument("--timesteps", type=list_type(int_list, "--timesteps"), default=None,
                         help="Comma-separated descending grid indices, e.g. 22,0 (instead of --steps).")
-    parser.add_argument("--ts", default=None,
+    parser.add_argument("--ts", type=list_type(int_list, "--ts"), default=None,
                         help="OpenAI's ascending grid indices, e.g. 0,22,39 (the same schedule as --timesteps 22,0).")
-    parser.add_argument("--sigmas", default=None, help="Comma-separated descending noise levels (instead of --steps).")
-    parser.add_argument("--class_labels", default=None,
+    parser.add_argument("--sigmas", type=list_type(float_list, "--sigmas"), default=None,
+                        help="Comma-separated descending noise levels (instead of --steps).")
+    parser.add_argument("--class_labels", type=list_type(int_list, "--class_labels"), default=None,
                         help="Comma-separated labels (one, or one per image) for class-conditional models.")
     parser.add_argument("--seed", type=int, default=0, help="Random seed; the same seed gives the same images.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device.")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="Weights and compute dtype.")
-    parser.add_argument("--output", default="samples.png", help="Path of the PNG grid.")
+    parser.add_argument("--output", default="samples.png",
+                        help="Path of the grid; its extension picks the format (.png, .jpg, .webp, ...).")
     parser.add_argument("--save_images_dir", default=None, help="Also write each image as a PNG into this folder.")
-    parser.add_argument("--nrow", type=int, default=None, help="Images per grid row (default: square-ish).")
+    parser.add_argument("--nrow", type=positive_int, default=None, help="Images per grid row (default: square-ish).")
     parser.set_defaults(func=run)
 
 
-def parse_int_list(text):
-    return None if text is None else [int(v) for v in text.split(",") if v.strip()]
+def list_type(parse, flag: str):
+    """An argparse type for a comma-separated list: `parse(text, flag)`'s ValueError becomes argparse's message."""
 
+    def convert(text: str) -> list:
+        try:
+            return parse(text, flag)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
 
-def parse_float_list(text):
-    return None if text is None else [float(v) for v in text.split(",") if v.strip()]
+    convert.__name__ = flag.lstrip("-")
+    return convert
+
 
 
 def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2) -> Image.Image:
@@ -63,8 +78,12 @@ def run(args) -> int:
     schedule_args = [args.steps, args.timesteps, args.ts, args.sigmas]
     if sum(value is not None for value in schedule_args) > 1:
         raise ValueError("Pass at most one of --steps, --timesteps, --ts and --sigmas.")
-    if args.num_images < 1 or args.batch_size < 1:
-        raise ValueError("--num_images and --batch_size must be positive.")
+    labels = args.class_labels
+    if labels is not None and len(labels) not in (1, args.num_images):
+        raise ValueError(f"--class_labels needs 1 or {args.num_images} values, got {len(labels)}.")
+    check_image_path(args.output, "--output")  # before any work: a bad path must not cost a whole generation
+    if args.save_images_dir:
+        check_folder_path(args.save_images_dir, "--save_images_dir")
     model = args.model or DEFAULT_MODEL
     looks_like_path = model.startswith(("/", ".", "~")) or model.count("/") > 1
     if looks_like_path and not os.path.isdir(os.path.expanduser(model)):
@@ -73,14 +92,11 @@ def run(args) -> int:
 
     pipe = ConsistencyPipeline.from_pretrained(os.path.expanduser(model), dtype=DTYPES[args.dtype]).to(args.device)
     pipe.set_progress_bar_config(disable=True)
-    timesteps = parse_int_list(args.timesteps)
+    timesteps = args.timesteps
     if args.ts is not None:
         from ..parameterization import openai_ts_to_timesteps
 
-        timesteps = openai_ts_to_timesteps(parse_int_list(args.ts), pipe.scheduler.config.num_train_timesteps)
-    labels = parse_int_list(args.class_labels)
-    if labels is not None and len(labels) not in (1, args.num_images):
-        raise ValueError(f"--class_labels needs 1 or {args.num_images} values, got {len(labels)}.")
+        timesteps = openai_ts_to_timesteps(args.ts, pipe.scheduler.config.num_train_timesteps)
 
     from tqdm.auto import tqdm
 
@@ -94,16 +110,14 @@ def run(args) -> int:
             latents = torch.randn(pipe.sample_shape(count), generator=generator)
             out = pipe(batch_size=count, class_labels=batch_labels, latents=latents, generator=generator,
                        num_inference_steps=args.steps or 1, timesteps=timesteps,
-                       sigmas=parse_float_list(args.sigmas), output_type="np")
+                       sigmas=args.sigmas, output_type="np")
             images.append(out.images)
             progress.update(count)
     images = np.concatenate(images)
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    make_grid(images, args.nrow).save(args.output)
+    save_image_atomic(make_grid(images, args.nrow), args.output)
     if args.save_images_dir:
-        os.makedirs(args.save_images_dir, exist_ok=True)
         for i, pil in enumerate(pipe.numpy_to_pil(images)):
-            pil.save(os.path.join(args.save_images_dir, f"{i:05d}.png"))
+            save_image_atomic(pil, os.path.join(args.save_images_dir, f"{i:05d}.png"))
     print(f"Wrote {len(images)} images from {model} to {args.output}")
     return 0
