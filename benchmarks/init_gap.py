@@ -30,13 +30,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cm_diffusers.evaluation import read_fashion_mnist  # noqa: E402
 from cm_diffusers.losses import DenoiserLoss, teacher_denoised  # noqa: E402
 from cm_diffusers.networks import unet_forward  # noqa: E402
-from cm_diffusers.parameterization import SIGMA_MIN, consistency_function, karras_sigmas  # noqa: E402
+from cm_diffusers.parameterization import SIGMA_MAX, SIGMA_MIN, consistency_function, karras_sigmas  # noqa: E402
 from cm_diffusers.sampling import teacher_clips_denoised  # noqa: E402
 from cm_diffusers.teachers import load_teacher  # noqa: E402
 
 
 @torch.no_grad()
-def gaps(student, teacher, x0, sigmas, clip_denoised, seed=0):
+def gaps(student, teacher, x0, sigmas, sigma_min, clip_denoised, seed=0):
     """gap(sigma) for each sigma, on the same noise for every model."""
     out = []
     generator = torch.Generator().manual_seed(seed)
@@ -45,7 +45,7 @@ def gaps(student, teacher, x0, sigmas, clip_denoised, seed=0):
         x = x0 + float(sigma) * noise
         sigma_b = torch.full((x0.shape[0],), float(sigma))
         denoised = teacher_denoised(teacher, x, sigma_b, clip_denoised=clip_denoised)
-        f = consistency_function(unet_forward(student), x, sigma_b)
+        f = consistency_function(unet_forward(student), x, sigma_b, sigma_min)
         out.append(((f - denoised).norm() / denoised.norm()).item())
     return out
 
@@ -57,9 +57,9 @@ def time_input(teacher) -> str:
     return "250 ln sigma" if scale == 1000 else f"{0.25 * scale:g} ln sigma"
 
 
-def warm_up(student, teacher, images, steps, batch_size, lr, clip_denoised, seed=0):
+def warm_up(student, teacher, images, steps, batch_size, lr, sigma_min, sigma_max, clip_denoised, seed=0):
     """`steps` of the recipes' denoiser warm-up (AdamW, constant lr after 100 linear warm-up steps, no EMA)."""
-    loss_fn = DenoiserLoss(teacher, clip_denoised=clip_denoised)
+    loss_fn = DenoiserLoss(teacher, clip_denoised=clip_denoised, sigma_min=sigma_min, sigma_max=sigma_max)
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -95,7 +95,6 @@ def main():
     test = torch.from_numpy(read_fashion_mnist("test").copy()).float().div(127.5).sub(1).unsqueeze(1)
     train = torch.from_numpy(read_fashion_mnist("train").copy()).float().div(127.5).sub(1).unsqueeze(1)
     x0 = test[: args.num_images]
-    sigmas = np.sort(karras_sigmas(args.num_sigmas))
     warmups = sorted({int(w) for w in args.warmup_steps.split(",")})
     report = {
         "protocol": {
@@ -106,17 +105,20 @@ def main():
             "machine": platform.machine(),
             "threads": args.num_threads,
         },
-        "sigmas": [float(s) for s in sigmas],
         "rows": [],
     }
     for spec in args.teacher:
         label, _, path = spec.partition("=")
         teacher = load_teacher(path)
         clip = teacher_clips_denoised(teacher)
+        # the student's noise range is the teacher's, within [0.002, 80] (as train_consistency.py sets it)
+        sigma_min, sigma_max = max(SIGMA_MIN, teacher.sigma_min), min(SIGMA_MAX, teacher.sigma_max)
+        sigmas = np.sort(karras_sigmas(args.num_sigmas, sigma_min, sigma_max))
         student = copy.deepcopy(teacher.unet).float().requires_grad_(True).eval()
         done, start = 0, time.time()
         for steps in warmups:
-            loss = warm_up(student, teacher, train, steps - done, args.batch_size, args.learning_rate, clip)
+            loss = warm_up(student, teacher, train, steps - done, args.batch_size, args.learning_rate, sigma_min,
+                           sigma_max, clip)  # fmt: skip
             done = steps
             row = {
                 "teacher": label,
@@ -124,12 +126,15 @@ def main():
                 "kind": teacher.kind,
                 "time_input": time_input(teacher),
                 "warmup_steps": steps,
-                "gap": gaps(student, teacher, x0, sigmas, clip),
+                "sigmas": [float(s) for s in sigmas],
+                "gap": gaps(student, teacher, x0, sigmas, sigma_min, clip),
                 "seconds": round(time.time() - start, 1),
             }
             if steps:
                 row["last_warmup_loss"] = loss
-            identity = consistency_function(unet_forward(student), x0, torch.full((x0.shape[0],), SIGMA_MIN))
+            with torch.no_grad():
+                at_min = torch.full((x0.shape[0],), sigma_min)
+                identity = consistency_function(unet_forward(student), x0, at_min, sigma_min)
             row["max_abs_f_minus_x_at_sigma_min"] = (identity - x0).abs().max().item()
             report["rows"].append(row)
             print(label, steps, " ".join(f"{s:.3g}:{g:.3g}" for s, g in zip(sigmas, row["gap"])), flush=True)
@@ -144,7 +149,7 @@ def main():
 
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for row in report["rows"]:
-            ax.plot(sigmas, row["gap"], marker="o", label=f"{row['teacher']}, warm-up {row['warmup_steps']}")
+            ax.plot(row["sigmas"], row["gap"], marker="o", label=f"{row['teacher']}, warm-up {row['warmup_steps']}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("sigma")

@@ -1,0 +1,147 @@
+"""FID against training step for consistency runs of `training/train_consistency.py`: has a run converged, and what
+would more compute buy?
+
+For every `checkpoint-N` of each run, the EMA (evaluation) weights become a ConsistencyPipeline folder
+(`<run>/fid_vs_step/step-N`), which `cm-diffusers evaluate` measures at 1 (and optionally 2) steps with a small
+sample count (the same seed and reference as the README's table, fewer samples: compare points with each other).
+Step 0 is the student as initialised (the teacher's weights). Already measured points are kept, so the script can run
+again while a training continues. Writes one JSON and one PNG for all runs.
+
+    python benchmarks/fid_vs_step.py --run cd=runs/fashion-mnist-cd --run ect=runs/fashion-mnist-ct \
+        --init_from runs/fashion-mnist-edm --num_samples 500 --output benchmarks/results/quality_fid_vs_step.json
+"""
+
+import argparse
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from diffusers import UNet2DModel  # noqa: E402
+
+from cm_diffusers import ConsistencyPipeline, ConsistencyScheduler  # noqa: E402
+from cm_diffusers.shipped_models import resolve_pretrained  # noqa: E402
+
+
+def ema_weights(checkpoint: str):
+    """The EMAModel state registered for checkpointing (the custom object holding `shadow_params`)."""
+    for path in sorted(glob.glob(os.path.join(checkpoint, "custom_checkpoint_*.pkl"))):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "shadow_params" in state:
+            return state["shadow_params"]
+    raise FileNotFoundError(f"{checkpoint} has no EMA state (train with --ema_decay > 0).")
+
+
+def export(unet_config: dict, weights, folder: str, scheduler_config: dict):
+    """A ConsistencyPipeline folder with `weights` (a list in parameter order, or a state dict)."""
+    unet = UNet2DModel.from_config(unet_config)
+    if isinstance(weights, dict):
+        unet.load_state_dict(weights)
+    else:
+        params = list(unet.parameters())
+        if len(params) != len(weights):
+            raise ValueError(f"{len(weights)} EMA tensors for {len(params)} parameters.")
+        with torch.no_grad():
+            for param, value in zip(params, weights):
+                param.copy_(value)
+    scheduler = ConsistencyScheduler.from_config(scheduler_config)
+    ConsistencyPipeline(unet=unet.eval(), scheduler=scheduler).save_pretrained(folder)
+
+
+def evaluate(folder: str, args, extra_sigmas: str) -> list:
+    out = os.path.join(folder, "eval")
+    if not os.path.isfile(os.path.join(out, "results.json")):
+        command = [
+            os.path.join(os.path.dirname(sys.executable), "cm-diffusers"), "evaluate", "--model", folder,
+            "--steps", "1", "--num_samples", str(args.num_samples), "--seed", "0",
+            "--reference", "fashion-mnist-train", "--reference_num_samples", "10000",
+            "--output_dir", out, "--no_progress",
+        ]  # fmt: skip
+        if extra_sigmas:
+            command += ["--sigmas", extra_sigmas]
+        subprocess.run(command, check=True)
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)["results"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", action="append", required=True, help="label=output_dir of a training run; repeat.")
+    parser.add_argument("--init_from", type=str, default=None, help="Teacher folder: its weights are step 0.")
+    parser.add_argument("--two_step_sigmas", type=str, default="80,0.821", help="2-step schedule ('' to skip).")
+    parser.add_argument("--num_samples", type=int, default=500)
+    parser.add_argument("--steps", type=str, default=None, help="Only these checkpoint steps (comma-separated).")
+    parser.add_argument("--output", type=str, default="benchmarks/results/quality_fid_vs_step.json")
+    args = parser.parse_args()
+    wanted = None if args.steps is None else {int(s) for s in args.steps.split(",")}
+
+    report = {"protocol": {}, "runs": {}}
+    if os.path.isfile(args.output):
+        with open(args.output) as f:
+            report = json.load(f)
+    report["protocol"] = {
+        "metric": f"cm-diffusers evaluate, {args.num_samples} samples, seed 0, vs 10,000 Fashion-MNIST train images",
+        "weights": "the EMA (evaluation) weights of each checkpoint; step 0 = the teacher's weights",
+        "two_step_sigmas": args.two_step_sigmas,
+    }
+    scheduler_config = dict(ConsistencyScheduler().config)
+    for spec in args.run:
+        label, _, run_dir = spec.partition("=")
+        run = report["runs"].setdefault(label, {"output_dir": run_dir, "points": {}})
+        checkpoints = {int(m.group(1)): path for path in glob.glob(os.path.join(run_dir, "checkpoint-*"))
+                       if (m := re.fullmatch(r"checkpoint-(\d+)", os.path.basename(path)))}  # fmt: skip
+        if args.init_from:
+            checkpoints[0] = None
+        for step in sorted(checkpoints):
+            if str(step) in run["points"] or (wanted is not None and step not in wanted):
+                continue
+            folder = os.path.join(run_dir, "fid_vs_step", f"step-{step}")
+            if not os.path.isfile(os.path.join(folder, "model_index.json")):
+                teacher = resolve_pretrained(args.init_from) if args.init_from else None
+                config = dict(UNet2DModel.load_config(os.path.join(teacher, "unet")))
+                if step == 0:
+                    weights = UNet2DModel.from_pretrained(teacher, subfolder="unet").state_dict()
+                else:
+                    weights = ema_weights(checkpoints[step])
+                export(config, weights, folder, scheduler_config)
+            rows = evaluate(folder, args, args.two_step_sigmas)
+            run["points"][str(step)] = {f"{row['steps']}step": row["fid"] for row in rows}
+            print(label, step, run["points"][str(step)], flush=True)
+            with open(args.output, "w") as f:
+                json.dump(report, f, indent=2)
+    with open(args.output, "w") as f:
+        json.dump(report, f, indent=2)
+    plot(report, os.path.splitext(args.output)[0] + ".png")
+
+
+def plot(report: dict, path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, run in report["runs"].items():
+        steps = sorted(run["points"], key=int)
+        for key, style in (("1step", "-o"), ("2step", "--s")):
+            xs = [int(s) for s in steps if key in run["points"][s]]
+            if xs:
+                ax.plot(xs, [run["points"][str(s)][key] for s in xs], style, label=f"{label}, {key[0]} step(s)")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("FID (" + report["protocol"]["metric"].split(",")[1].strip() + ")")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("FID against training step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
