@@ -26,6 +26,8 @@ setup(
     extras_require={
         "eval": ["scipy>=1.10", "matplotlib>=3.7"],
         "train": ["tensorboard>=2.14"],
+        # The HTTP API (`cm-diffusers serve`): Ray Serve brings FastAPI, uvicorn, pydantic and prometheus_client.
+        "serve": ["ray[serve]==2.60.0", "python-multipart>=0.0.9", "requests>=2.28"],
         "test": ["pytest>=8", "pytest-timeout>=2.2", "scipy>=1.10", "matplotlib>=3.7", "tensorboard>=2.14", "ruff"],
     },
     entry_points={"console_scripts": ["cm-diffusers=cm_diffusers.cli:main"]},

@@ -1,0 +1,99 @@
+"""The Ray Serve application: a FastAPI ingress (`APIIngress`) in front of the model deployment (`ConsistencyModel`).
+
+`build_application(settings, ...)` is what `cm-diffusers serve` runs; `app_builder(args)` is the entry point of a
+Ray Serve config file (`serve deploy deploy/serve_config.yaml`). The ingress needs no CPU of its own and scales
+separately from the model replicas, which hold the weights (`ray_actor_options` sets their CPUs/GPUs).
+"""
+
+from ray import serve
+from ray.exceptions import RayError, RayTaskError
+from ray.serve.exceptions import RayServeException
+
+from .app import BackendUnavailable, create_app
+from .model import ConsistencyModel
+from .schemas import Limits, ServerSettings, hash_key, load_api_keys
+
+APP_NAME = "cm-diffusers"
+MODEL_DEPLOYMENT = "ConsistencyModel"
+INGRESS_DEPLOYMENT = "APIIngress"
+
+
+class HandleBackend:
+    """The model deployment seen through a Ray Serve handle; failures of Ray itself become `BackendUnavailable`."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    async def _call(self, method: str, *args):
+        try:
+            return await getattr(self.handle, method).remote(*args)
+        except RayTaskError:
+            raise  # a bug in the model code: a 500, logged with the request id
+        except (RayError, RayServeException) as error:  # replica died or restarting, back-pressure, cancelled
+            raise BackendUnavailable(type(error).__name__) from error
+
+    async def generate(self, request: dict) -> dict:
+        return await self._call("generate", request)
+
+    async def edit(self, task, image, mask, options) -> dict:
+        return await self._call("edit", task, image, mask, options)
+
+    async def info(self) -> dict:
+        return await self._call("info")
+
+    async def ready(self) -> bool:
+        return await self._call("ready")
+
+
+@serve.ingress()
+class APIIngress:
+    """The HTTP entry point: builds the FastAPI app of `app.py` on each ingress replica."""
+
+    def __init__(self, model_handle, settings: dict):
+        self.backend = HandleBackend(model_handle)
+        self.settings = ServerSettings(**settings)
+
+    def __serve_build_asgi_app__(self):
+        return create_app(self.backend, self.settings, echo_request_id=False)
+
+
+def build_application(settings: ServerSettings, num_replicas: int = 1, ray_actor_options: dict | None = None,
+                      autoscaling_config: dict | None = None, ingress_replicas: int = 1):
+    """The bound Serve application for `serve.run`: `num_replicas` model replicas (or an autoscaling range)."""
+    # In-flight requests per model replica: a full batch queued behind the running one, plus room for edits.
+    max_ongoing = 4 * settings.max_batch_size + 8
+    model_options = {
+        "name": MODEL_DEPLOYMENT, "ray_actor_options": ray_actor_options or {"num_cpus": 1},
+        "max_ongoing_requests": max_ongoing, "graceful_shutdown_timeout_s": 30,
+        "health_check_period_s": 2, "health_check_timeout_s": 30,
+    }
+    if autoscaling_config:
+        model_options["autoscaling_config"] = autoscaling_config
+    else:
+        model_options["num_replicas"] = num_replicas
+    model = serve.deployment(ConsistencyModel).options(**model_options)
+    ingress = serve.deployment(APIIngress).options(
+        name=INGRESS_DEPLOYMENT, num_replicas=ingress_replicas, ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=1000, graceful_shutdown_timeout_s=30)
+    dumped = settings.model_dump()
+    return ingress.bind(model.bind(dumped), dumped)
+
+
+def app_builder(args: dict):
+    """Entry point of a Serve config file: `import_path: cm_diffusers.serving.deployment:app_builder`.
+
+    `args` takes the `ServerSettings` fields (model, device, dtype, max_batch_size, batch_wait_ms, num_threads, ui,
+    limits) and `api_key_file`; keys also come from CM_DIFFUSERS_API_KEYS (set it in the runtime_env), and are
+    required unless `allow_no_api_key: true`. Replicas, CPUs/GPUs and autoscaling are set per deployment in the
+    config file's `deployments:` section.
+    """
+    args = dict(args or {})
+    keys = load_api_keys(args.pop("api_key_file", None))
+    if not keys and not args.pop("allow_no_api_key", False):
+        raise ValueError("No API key configured: a cluster deployment is reachable from the network. Set "
+                         "CM_DIFFUSERS_API_KEYS in the runtime_env or `api_key_file` in args (or, on a private "
+                         "network only, `allow_no_api_key: true`).")
+    args.pop("allow_no_api_key", None)
+    limits = Limits(**args.pop("limits", {}) or {})
+    settings = ServerSettings(**args, limits=limits, api_key_hashes=[hash_key(key) for key in keys])
+    return build_application(settings)
