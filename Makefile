@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test test-fast lint clean
+.PHONY: setup data browser demo test test-fast lint clean
 
 setup: $(VENV)/.installed
 
@@ -24,12 +24,21 @@ data:
 	  || sudo -n apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
 	  || echo "note: could not install dataset-fashion-mnist; Fashion-MNIST tests will be skipped")
 
+# Debian's Chromium and ChromeDriver for the playground's browser test; without them that test is skipped.
+CHROMIUM_PACKAGES := chromium chromium-driver
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver \
+	  || (apt-get install -y -q $(CHROMIUM_PACKAGES) >/dev/null 2>&1 \
+	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $(CHROMIUM_PACKAGES) >/dev/null 2>&1) \
+	  || sudo -n apt-get install -y -q $(CHROMIUM_PACKAGES) >/dev/null 2>&1 \
+	  || echo "note: could not install chromium and chromium-driver; the playground's browser test will be skipped")
+
 MODEL ?= fashion-mnist-cd
 
 demo: setup
 	$(VENV)/bin/cm-diffusers generate --model $(MODEL) --num_images 64 --seed 0 --output samples.png
 
-test: setup data
+test: setup data browser
 	$(PY) -m pytest tests -q
 
 test-fast: setup

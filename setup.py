@@ -10,7 +10,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["cm_diffusers", "cm_diffusers.*"]),
-    package_data={"cm_diffusers": ["pretrained/**/*", "templates/*"]},
+    package_data={"cm_diffusers": ["pretrained/**/*", "templates/*", "serving/static/*", "serving/static/samples/*"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.1,<3",
@@ -28,7 +28,8 @@ setup(
         "train": ["tensorboard>=2.14"],
         # The HTTP API (`cm-diffusers serve`): Ray Serve brings FastAPI, uvicorn, pydantic and prometheus_client.
         "serve": ["ray[serve]==2.60.0", "python-multipart>=0.0.9", "requests>=2.28"],
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "scipy>=1.10", "matplotlib>=3.7", "tensorboard>=2.14", "ruff"],
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "scipy>=1.10", "matplotlib>=3.7", "tensorboard>=2.14", "ruff",
+                 "selenium>=4.20"],
     },
     entry_points={"console_scripts": ["cm-diffusers=cm_diffusers.cli:main"]},
 )
