@@ -6,7 +6,6 @@ diffusers >= 0.40 refuses third-party class names in model_index.json, so `save_
 names of the (config-identical) scheduler and pipeline.
 """
 
-import json
 import os
 from typing import Callable
 
@@ -17,6 +16,13 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import deprecate
 from diffusers.utils.torch_utils import randn_tensor
 
+from .model_index import (
+    DIFFUSERS_PIPELINE_NAME,
+    DIFFUSERS_SCHEDULER_NAME,
+    SCHEDULER_NAMES,
+    check_is_consistency_model,
+    rewrite_json,
+)
 from .networks import unet_forward
 from .parameterization import clamp_denoised, consistency_function, sigma_to_t
 from .pipeline_editing import ConsistencyEditingMixin
@@ -24,9 +30,6 @@ from .sampling import consistency_sample, consistency_schedule
 from .scheduling_consistency import ConsistencyScheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-_SCHEDULER_NAMES = {"ConsistencyScheduler", "CMStochasticIterativeScheduler"}
-_DIFFUSERS_PIPELINE_NAME = "ConsistencyModelPipeline"
-_DIFFUSERS_SCHEDULER_NAME = "CMStochasticIterativeScheduler"
 
 
 class ConsistencyPipeline(ConsistencyEditingMixin, DiffusionPipeline):
@@ -48,7 +51,7 @@ class ConsistencyPipeline(ConsistencyEditingMixin, DiffusionPipeline):
     def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
         super().__init__()
         if not isinstance(scheduler, ConsistencyScheduler):
-            if type(scheduler).__name__ not in _SCHEDULER_NAMES:
+            if type(scheduler).__name__ not in SCHEDULER_NAMES:
                 raise ValueError(
                     f"ConsistencyPipeline needs a ConsistencyScheduler (or diffusers' CMStochasticIterativeScheduler),"
                     f" got {type(scheduler).__name__}; build one with ConsistencyScheduler.from_config(...)."
@@ -73,7 +76,7 @@ class ConsistencyPipeline(ConsistencyEditingMixin, DiffusionPipeline):
         kwargs.setdefault("use_safetensors", True)  # never unpickle weights from a repo
         config_kwargs = {k: kwargs[k] for k in ("cache_dir", "token", "revision", "local_files_only") if k in kwargs}
         index = cls.load_config(path, **config_kwargs)
-        _check_is_consistency_model(index, str(pretrained_model_name_or_path))
+        check_is_consistency_model(index, str(pretrained_model_name_or_path))
         return super().from_pretrained(path, **kwargs)
 
     def save_pretrained(self, save_directory, **kwargs):
@@ -85,13 +88,13 @@ class ConsistencyPipeline(ConsistencyEditingMixin, DiffusionPipeline):
         kwargs.setdefault("safe_serialization", True)
         push_to_hub = kwargs.pop("push_to_hub", False)
         super().save_pretrained(save_directory, **kwargs)
-        _rewrite_json(os.path.join(save_directory, "model_index.json"), {
-            "_class_name": _DIFFUSERS_PIPELINE_NAME,
-            "scheduler": ["diffusers", _DIFFUSERS_SCHEDULER_NAME],
+        rewrite_json(os.path.join(save_directory, "model_index.json"), {
+            "_class_name": DIFFUSERS_PIPELINE_NAME,
+            "scheduler": ["diffusers", DIFFUSERS_SCHEDULER_NAME],
             "unet": ["diffusers", type(self.unet).__name__],
         })
-        _rewrite_json(os.path.join(save_directory, "scheduler", "scheduler_config.json"),
-                      {"_class_name": _DIFFUSERS_SCHEDULER_NAME})
+        rewrite_json(os.path.join(save_directory, "scheduler", "scheduler_config.json"),
+                      {"_class_name": DIFFUSERS_SCHEDULER_NAME})
         if push_to_hub:
             from .hub import push_to_hub as push
 
@@ -335,15 +338,6 @@ def _accelerator_available() -> bool:
             or (xpu is not None and xpu.is_available()))
 
 
-def _rewrite_json(path: str, updates: dict):
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    data.update(updates)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -361,21 +355,3 @@ def _check_safetensors_weights(path):
             "`UNet2DModel.from_pretrained(folder, use_safetensors=False).save_pretrained(folder)` "
             "(diffusers unpickles with weights_only=True), then load the folder again."
         )
-
-
-def _check_is_consistency_model(index: dict, name: str):
-    """Refuse pipelines that are not consistency models, saying what they are and what to use instead."""
-    scheduler = (index.get("scheduler") or [None, None])[1]
-    unet = (index.get("unet") or [None, None])[1]
-    if scheduler in _SCHEDULER_NAMES and unet is not None:
-        return
-    kind = index.get("_class_name", "an unknown pipeline")
-    if scheduler is not None and unet is not None:
-        hint = (
-            f"It is a diffusion model ({kind} with {scheduler}): sample it with diffusers.{kind}, or distill it "
-            "into a consistency model with `accelerate launch training/train_consistency.py --mode cd "
-            f"--teacher_model_name_or_path {name}`."
-        )
-    else:
-        hint = f"It is {kind} with components {sorted(k for k in index if not k.startswith('_'))}."
-    raise ValueError(f"{name} is not a consistency-model pipeline (UNet2DModel + ConsistencyScheduler). {hint}")
