@@ -35,7 +35,7 @@ from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -222,13 +222,22 @@ def test_generate_tab(server, browser, screenshots):
         assert image.std() > 10, "a blank image"
     assert "ms" in browser.find_element(By.ID, "latency").text
     assert browser.find_element(By.ID, "nfe").text == "1"
-    screenshots(browser, "generate")
 
     # The same seed gives the same images (the page sends it; the server honours it).
     browser.execute_script("document.getElementById('result').innerHTML = ''")
     browser.find_element(By.ID, "generate").click()
     again = _wait_for_images(browser, "result", 4)
     assert all(np.array_equal(a, b) for a, b in zip(images, again))
+
+    # The schedule the model card recommends (2 steps for fashion-mnist-cd) is one choice of the steps menu.
+    Select(browser.find_element(By.ID, "gen-steps")).select_by_value("card:0")
+    _set(browser, "gen-num", 8)
+    browser.execute_script("document.getElementById('result').innerHTML = ''")
+    browser.find_element(By.ID, "generate").click()
+    images = _wait_for_images(browser, "result", 8)
+    assert all(image.shape == MODEL_SIZE and image.std() > 10 for image in images)
+    assert browser.find_element(By.ID, "nfe").text == "2"
+    screenshots(browser, "generate")
 
 
 def test_compare_tab(server, browser, screenshots):
