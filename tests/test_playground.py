@@ -4,6 +4,7 @@ $CM_DIFFUSERS_SCREENSHOT_DIR when set, which is how docs/images/playground-*.png
 
 import base64
 import io
+import json
 import os
 import shutil
 import signal
@@ -46,12 +47,41 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _get(url: str, timeout: float = 5.0):
+def _get(url: str, timeout: float = 5.0, key: str | None = None, json_body: dict | None = None):
+    """GET (or POST `json_body`) with an optional Bearer key: (status, body bytes)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    data = None
+    if json_body is not None:
+        headers["Content-Type"] = "application/json"
+        data = json.dumps(json_body).encode()
+    request = urllib.request.Request(url, data=data, headers=headers)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
+
+
+def _start(command: list, log_path, ready_url: str, timeout_s: float) -> subprocess.Popen:
+    """Start a command in its own process group and wait until `ready_url` answers 200."""
+    log = open(log_path, "wb")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"`{' '.join(command[2:])}` exited with {process.returncode}:\n"
+                        + log_path.read_text(errors="replace")[-4000:])
+        try:
+            if _get(ready_url)[0] == 200:
+                return process
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            _stop(process)
+            pytest.fail(f"`{' '.join(command[2:])}` was not ready within {timeout_s} s:\n"
+                        + log_path.read_text(errors="replace")[-4000:])
+        time.sleep(2)
 
 
 def _stop(process: subprocess.Popen):
@@ -76,31 +106,28 @@ def server(tmp_path_factory):
     key_file = folder / "keys.txt"
     key_file.write_text(API_KEY + "\n")
     port = _free_port()
-    log = open(folder / "server.log", "wb")
+    url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "cm_diffusers.cli", "serve", "--model", MODEL, "--host", "127.0.0.1",
                "--port", str(port), "--api_key_file", str(key_file), "--ui"]
-    # Its own process group, so that the teardown ends exactly what this test started.
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    process = _start(command, folder / "server.log", url + "/readyz", SERVER_START_S)
     try:
-        deadline = time.monotonic() + SERVER_START_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"`cm-diffusers serve --ui` exited with {process.returncode}:\n"
-                            + (folder / "server.log").read_text(errors="replace")[-4000:])
-            try:
-                if _get(url + "/readyz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server was not ready within {SERVER_START_S} s:\n"
-                            + (folder / "server.log").read_text(errors="replace")[-4000:])
-            time.sleep(2)
         yield url
     finally:
         _stop(process)
-        log.close()
+
+
+@pytest.fixture(scope="module")
+def proxy(server, tmp_path_factory):
+    """`cm-diffusers playground --api_url`: the page alone, in front of the server above."""
+    folder = tmp_path_factory.mktemp("playground_proxy")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "cm_diffusers.cli", "playground", "--api_url", server, "--port", str(port)]
+    process = _start(command, folder / "proxy.log", url + "/ui/", 120)
+    try:
+        yield url
+    finally:
+        _stop(process)
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +214,20 @@ def test_page_is_served_without_a_key(server):
     status, body = _get(server + "/ui/samples/boot.png")
     assert status == 200 and body.startswith(b"\x89PNG")
     assert _get(server + "/ui/samples/..%2Fplayground.html")[0] == 404
+
+
+def test_playground_command_forwards_to_a_running_api(proxy):
+    status, body = _get(proxy + "/ui/")
+    assert status == 200 and b'const API_BASE = "";' in body
+    status, body = _get(proxy + "/v1/models")
+    assert status == 401 and json.loads(body)["error"]["type"] == "unauthorized", "the API's own answer"
+    status, body = _get(proxy + "/v1/models", key=API_KEY)
+    assert status == 200 and json.loads(body)["models"][0]["resolution"] == list(MODEL_SIZE)
+    status, body = _get(proxy + "/v1/generate", key=API_KEY, json_body={"num_images": 2, "seed": 1})
+    assert status == 200 and len(json.loads(body)["images"]) == 2
+    status, body = _get(proxy + "/v1/generate", key=API_KEY, json_body={"num_images": 2, "seed": 1, "sigmas": [-1]})
+    assert status == 422 and json.loads(body)["error"]["field"] == "sigmas"
+    assert _get(proxy + "/etc/passwd")[0] == 404, "only the API's routes are forwarded"
 
 
 def test_generate_tab(server, browser, screenshots):
