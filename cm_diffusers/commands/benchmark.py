@@ -8,8 +8,8 @@ import time
 
 import torch
 
+from ..evaluation import consistency_generator, load_models, model_label, teacher_generator
 from ..safety import check_folder_path, positive_float, positive_int, write_text_atomic
-from .evaluate import consistency_generator, load_models, model_label, teacher_generator
 
 
 def register(subparsers):

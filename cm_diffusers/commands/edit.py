@@ -5,6 +5,7 @@ import os
 import numpy as np
 import torch
 
+from ..images import image_grid
 from ..safety import (
     check_image_path,
     float_list,
@@ -15,7 +16,7 @@ from ..safety import (
     positive_int,
     save_image_atomic,
 )
-from .generate import DTYPES, list_type, make_grid
+from .generate import DTYPES, list_type
 
 TASKS = {
     "inpaint": "Regenerate the white region of --mask, keep the rest of --image exactly.",
@@ -149,6 +150,6 @@ def _save(images: np.ndarray, path: str, nrow=None) -> int:
         image = (images[0] * 255).round().astype(np.uint8)
         save_image_atomic(Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image), path)
     else:
-        save_image_atomic(make_grid(images, nrow=nrow), path)
+        save_image_atomic(image_grid(images, nrow=nrow, padding=2), path)
     print(f"Saved {len(images)} image(s) to {path}")
     return 0

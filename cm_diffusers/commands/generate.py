@@ -5,13 +5,12 @@ and an atomic rename, so two processes writing the same path leave one complete 
 """
 
 import argparse
-import math
 import os
 
 import numpy as np
 import torch
-from PIL import Image
 
+from ..images import image_grid
 from ..safety import check_folder_path, check_image_path, float_list, int_list, positive_int, save_image_atomic
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -54,21 +53,6 @@ def list_type(parse, flag: str):
     convert.__name__ = flag.lstrip("-")
     return convert
 
-
-
-def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2) -> Image.Image:
-    """BHWC float images in [0, 1] -> one PIL grid (grayscale stays grayscale)."""
-    count, height, width, channels = images.shape
-    nrow = nrow or math.ceil(math.sqrt(count))
-    ncol = math.ceil(count / nrow)
-    grid = np.ones((ncol * (height + padding) + padding, nrow * (width + padding) + padding, channels),
-                   dtype=np.float32)
-    for i, image in enumerate(images):
-        row, col = divmod(i, nrow)
-        top, left = padding + row * (height + padding), padding + col * (width + padding)
-        grid[top:top + height, left:left + width] = image
-    grid = (grid * 255).round().astype(np.uint8)
-    return Image.fromarray(grid[..., 0], mode="L") if channels == 1 else Image.fromarray(grid)
 
 
 def run(args) -> int:
@@ -115,7 +99,7 @@ def run(args) -> int:
             progress.update(count)
     images = np.concatenate(images)
 
-    save_image_atomic(make_grid(images, args.nrow), args.output)
+    save_image_atomic(image_grid(images, args.nrow, padding=2), args.output)
     if args.save_images_dir:
         for i, pil in enumerate(pipe.numpy_to_pil(images)):
             save_image_atomic(pil, os.path.join(args.save_images_dir, f"{i:05d}.png"))
