@@ -386,3 +386,39 @@ def test_deployment_colorize_keeps_luma_and_matches_the_pipeline(rgb_model):
     expected = pipe.colorize(gray, timesteps=[22, 0], class_labels=[1],
                              generator=torch.Generator().manual_seed(3)).images[0]
     np.testing.assert_array_equal(got, np.asarray(expected))
+
+
+def test_serve_config_yaml_and_its_builder(monkeypatch):
+    """The `serve deploy` config validates against Ray Serve's schema, and its builder refuses to run keyless."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from cm_diffusers.serving.deployment import app_builder
+
+    path = os.path.join(os.path.dirname(__file__), "..", "deploy", "serve_config.yaml")
+    with open(path) as f:
+        config = yaml.safe_load(f)
+    ServeDeploySchema(**config)
+    args = config["applications"][0]["args"]
+    monkeypatch.delenv("CM_DIFFUSERS_API_KEYS", raising=False)
+    with pytest.raises(ValueError, match="No API key"):
+        app_builder(args)
+    monkeypatch.setenv("CM_DIFFUSERS_API_KEYS", KEY)
+    assert type(app_builder(args)).__name__ == "Application"
+    with pytest.raises(ValueError, match="shorter than 16"):
+        monkeypatch.setenv("CM_DIFFUSERS_API_KEYS", "short")
+        app_builder(args)
+
+
+def test_without_api_keys_the_server_binds_to_loopback_only(tmp_path):
+    from cm_diffusers.commands.serve import bind_host
+    from cm_diffusers.serving.schemas import load_api_keys
+
+    host, note = bind_host("0.0.0.0", [])
+    assert host == "127.0.0.1" and "no API key" in note and "0.0.0.0" in note
+    assert bind_host("0.0.0.0", [KEY]) == ("0.0.0.0", None)
+    key_file = tmp_path / "keys"
+    key_file.write_text(f"# comment\n\n{KEY}\n")
+    assert load_api_keys(str(key_file), environ={"CM_DIFFUSERS_API_KEYS": f"{OTHER_KEY}, "}) == [OTHER_KEY, KEY]
+    with pytest.raises(FileNotFoundError):
+        load_api_keys(str(tmp_path / "missing"), environ={})

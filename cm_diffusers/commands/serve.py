@@ -43,6 +43,16 @@ def register(subparsers):
     parser.set_defaults(func=run)
 
 
+def bind_host(host: str, keys: list) -> tuple:
+    """(the address to listen on, a note for the user): without an API key, only the loopback interface."""
+    if keys:
+        return host, None
+    if host not in LOOPBACK:
+        return "127.0.0.1", (f"no API key configured (--api_key_file or CM_DIFFUSERS_API_KEYS): listening on "
+                             f"127.0.0.1 only, not {host}.")
+    return host, "no API key configured: the API is open to local users, and listens on 127.0.0.1 only."
+
+
 def build_settings(args, keys):
     from ..serving.schemas import Limits, ServerSettings, hash_key
 
@@ -86,13 +96,9 @@ def run(args) -> int:
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     keys = load_api_keys(args.api_key_file)
-    if not keys and args.host not in LOOPBACK:
-        print(f"cm-diffusers serve: no API key configured (--api_key_file or CM_DIFFUSERS_API_KEYS): listening on "
-              f"127.0.0.1 only, not {args.host}.", file=sys.stderr)
-        args.host = "127.0.0.1"
-    elif not keys:
-        print("cm-diffusers serve: no API key configured: the API is open, and listens on 127.0.0.1 only.",
-              file=sys.stderr)
+    args.host, note = bind_host(args.host, keys)
+    if note:
+        print(f"cm-diffusers serve: {note}", file=sys.stderr)
     settings = build_settings(args, keys)
     actor_options = {"num_cpus": args.num_cpus_per_replica}
     if settings.device.startswith("cuda"):
