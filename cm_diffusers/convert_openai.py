@@ -392,8 +392,10 @@ def convert_openai_checkpoint(
     unet = UNet2DModel.from_config(unet_config)
     unet.load_state_dict(convert_state_dict(checkpoint, unet_config), strict=True)
     unet.eval()
+    from .training_utils import save_pretrained_atomic  # a failed write (full disk) leaves no half-written folder
+
     if kind == "edm":
-        _save_teacher(unet, output_dir)
+        save_pretrained_atomic(lambda folder: _save_teacher(unet, folder), str(output_dir), needed_bytes=_bytes(unet))
         return str(output_dir)
 
     from .pipeline_consistency import ConsistencyPipeline
@@ -402,10 +404,15 @@ def convert_openai_checkpoint(
     num_train_timesteps = num_train_timesteps or num_train_timesteps_for(kind, config_name)
     scheduler = ConsistencyScheduler(num_train_timesteps=num_train_timesteps, sigma_min=SIGMA_MIN,
                                      sigma_max=SIGMA_MAX, sigma_data=SIGMA_DATA)  # fmt: skip
-    ConsistencyPipeline(unet=unet, scheduler=scheduler).save_pretrained(output_dir)
+    pipeline = ConsistencyPipeline(unet=unet, scheduler=scheduler)
+    save_pretrained_atomic(pipeline.save_pretrained, str(output_dir), needed_bytes=_bytes(unet))
     if write_card:
         _write_card(output_dir, name, kind, known, num_train_timesteps)
     return str(output_dir)
+
+
+def _bytes(module) -> int:
+    return sum(parameter.numel() * parameter.element_size() for parameter in module.parameters())
 
 
 def _kind_from_name(name: str) -> str:

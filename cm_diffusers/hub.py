@@ -16,6 +16,7 @@ the token it pushes with (or HF_TOKEN's).
 import fnmatch
 import json
 import logging
+import math
 import os
 import re
 import shlex
@@ -343,6 +344,8 @@ def _metrics(eval_results) -> list:
     for key, value in (eval_results or {}).items():
         if not is_metric_key(key) or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
+        if not math.isfinite(value):
+            raise ValueError(f"eval_results[{key!r}] is {value}: a card publishes only finite metrics.")
         match = _METRIC_KEY.match(str(key))
         metric, detail = match.group(1).lower(), match.group(2)
         steps = re.fullmatch(r"(\d+)_?steps?(?:_(.+))?|nfe_?(\d+)", detail or "")
@@ -401,8 +404,6 @@ def eval_results_from_report(report: dict) -> dict:
 def check_eval_results(eval_results: dict) -> dict:
     """Refuses `eval_results` that would put nothing, or nonsense, on a card: no metric at all, a metric whose value
     is not a finite number, or nested values that are neither numbers nor text."""
-    import math
-
     problems = []
     for key, value in eval_results.items():
         if is_metric_key(key) and (isinstance(value, bool) or not isinstance(value, (int, float))):

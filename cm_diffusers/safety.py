@@ -47,7 +47,8 @@ def _number(kind, text: str):
     try:
         value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, got {text!r}")
+        kind_name = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"must be {kind_name}, got {text!r}") from None
     if kind is float and not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
@@ -282,9 +283,9 @@ def image_format(path: str, flag: str = "the output path") -> str:
 def check_image_path(path: str, flag: str = "--output") -> str:
     """Checks before any work that an image can be written at `path`: a writable format, not a folder, a parent that
     is (or can be) a folder. Returns the PIL format."""
-    fmt = image_format(path, flag)
     if os.path.isdir(path):
         raise ValueError(f"{flag} {path!r} is a folder; pass a file name such as {os.path.join(path, 'samples.png')}.")
+    fmt = image_format(path, flag)
     check_folder_path(os.path.dirname(os.path.abspath(path)), flag)
     return fmt
 

@@ -44,6 +44,7 @@ from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
 from cm_diffusers.parameterization import append_dims, edm_loss_weight  # noqa: E402
 from cm_diffusers.safety import (  # noqa: E402
+    WRITE_ERRORS,
     finite_float,
     float_in,
     int_at_least,
@@ -51,6 +52,7 @@ from cm_diffusers.safety import (  # noqa: E402
     non_negative_int,
     positive_float,
     positive_int,
+    write_error,
 )
 from cm_diffusers.training_utils import (  # noqa: E402
     apply_optimizer_flags,
@@ -315,9 +317,29 @@ def inference_unet(accelerator, model, ema):
 
 
 def save_pipeline(unet, noise_scheduler, output_dir: str, model_type: str):
-    """Writes the diffusers folder through a temporary sibling; each component is renamed into place when complete."""
+    """Writes the diffusers folder through a temporary sibling; each component is renamed into place when complete.
+    A failed write (a full disk) removes the sibling, leaves the previous pipeline intact and says what was needed."""
     tmp_dir = os.path.join(output_dir, ".tmp-pipeline")
     shutil.rmtree(tmp_dir, ignore_errors=True)
+    try:
+        components = write_pipeline_files(unet, noise_scheduler, tmp_dir, model_type)
+    except WRITE_ERRORS as error:
+        needed = sum(parameter.numel() * parameter.element_size() for parameter in unet.parameters())
+        failure = write_error(output_dir, needed, error, "the pipeline")
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise failure from error
+    for name in components:
+        src, dst = os.path.join(tmp_dir, name), os.path.join(output_dir, name)
+        if os.path.isdir(dst):
+            shutil.rmtree(dst + ".old", ignore_errors=True)
+            os.rename(dst, dst + ".old")
+        os.replace(src, dst)
+        shutil.rmtree(dst + ".old", ignore_errors=True)
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def write_pipeline_files(unet, noise_scheduler, tmp_dir: str, model_type: str) -> tuple:
+    """Writes the pipeline's files into `tmp_dir`; returns its components in the order they go into place."""
     if model_type == "ddpm":
         DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(tmp_dir)
         components = ("unet", "scheduler", "model_index.json")  # the index last: it marks a complete pipeline
@@ -335,14 +357,7 @@ def save_pipeline(unet, noise_scheduler, output_dir: str, model_type: str):
 
             write_edm_teacher_pipeline_files(tmp_dir)
             components = ("unet", "scheduler", EDM_TEACHER_PIPELINE_FILE, "model_index.json")
-    for name in components:
-        src, dst = os.path.join(tmp_dir, name), os.path.join(output_dir, name)
-        if os.path.isdir(dst):
-            shutil.rmtree(dst + ".old", ignore_errors=True)
-            os.rename(dst, dst + ".old")
-        os.replace(src, dst)
-        shutil.rmtree(dst + ".old", ignore_errors=True)
-    shutil.rmtree(tmp_dir, ignore_errors=True)
+    return components
 
 
 def optimizer_settings(args) -> dict:
