@@ -196,7 +196,10 @@ def _set(driver, element_id: str, value):
 
 
 def _open(driver, url: str):
+    """Open the page with the test's API key in its storage, as a returning user has it."""
     driver.get(url + "/ui")
+    driver.execute_script("localStorage.setItem('cm_diffusers_api_key', arguments[0])", API_KEY)
+    driver.refresh()
     _wait_until(driver, lambda d: "28×28" in d.find_element(By.ID, "model-info").text, "the model's description")
 
 
@@ -241,9 +244,11 @@ def test_generate_tab(server, browser, screenshots):
     _assert_no_stack_trace(browser)
 
     _set(browser, "api-key", API_KEY)
-    browser.find_element(By.ID, "api-key").send_keys("\t")  # the change event reloads the model's description
-    _open(browser, server)  # and the key survives a reload (localStorage)
+    browser.find_element(By.ID, "api-key").send_keys("\t")  # the change event stores the key, loads the model
+    _wait_until(browser, lambda d: "28×28" in d.find_element(By.ID, "model-info").text, "the model's description")
+    browser.refresh()  # the key survives a reload (localStorage)
     assert browser.find_element(By.ID, "api-key").get_attribute("value") == API_KEY
+    _wait_until(browser, lambda d: "28×28" in d.find_element(By.ID, "model-info").text, "the model's description")
 
     # A limit: the API's 4xx names the field, and the page shows it.
     _set(browser, "gen-num", 100000)
@@ -332,3 +337,30 @@ def test_edit_tab_inpaints_the_painted_mask(server, browser, screenshots):
     assert "NFE" in browser.find_element(By.ID, "edit-latency").text
     screenshots(browser, "edit")
     _assert_no_stack_trace(browser)
+
+
+def test_edit_tab_super_resolves_and_rejects_a_bad_upload(server, browser, tmp_path):
+    _open(browser, server)
+    browser.find_element(By.ID, "tab-edit").click()
+    # A file that is not an image: a readable message, and the previous image stays.
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not a picture")
+    browser.find_element(By.ID, "edit-upload").send_keys(str(not_an_image))
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "edit-error").text)
+    assert "not an image" in browser.find_element(By.ID, "edit-error").text
+
+    browser.find_element(By.ID, "sample-trouser").click()
+    Select(browser.find_element(By.ID, "edit-task")).select_by_value("super-resolve")
+    Select(browser.find_element(By.ID, "edit-scale")).select_by_value("4")
+    browser.execute_script("document.getElementById('edit-result').innerHTML = ''")
+    browser.find_element(By.ID, "edit-run").click()
+    (result,) = _wait_for_images(browser, "edit-result")
+    low = _decode(browser.find_element(By.CSS_SELECTOR, "#edit-sent img").get_attribute("src"))
+    assert result.shape == MODEL_SIZE and low.shape == (MODEL_SIZE[0] // 4, MODEL_SIZE[1] // 4)
+    # Super-resolution keeps the mean of every 4x4 patch, except where the result is clamped to the pixel range
+    # (all-black patches, a few bright ones): compare the others, up to the uint8 round trip.
+    means = result.reshape(low.shape[0], 4, low.shape[1], 4).mean(axis=(1, 3))
+    unsaturated = (low > 0) & (low < 255)
+    assert unsaturated.sum() >= 8
+    assert np.mean(np.abs(means - low)[unsaturated] <= 1) >= 0.9, (low, means.round())
+    assert not browser.find_element(By.ID, "edit-error").text
