@@ -52,6 +52,8 @@ def parse_args():
     parser.add_argument("--fault_s", type=float, default=45.0, help="Seconds of the fault run.")
     parser.add_argument("--quick", action="store_true", help="Short phases (a smoke run, not for the README).")
     parser.add_argument("--output", default=os.path.join(RESULTS, "serve_load"), help="Output path without suffix.")
+    parser.add_argument("--table", default=None, metavar="JSON",
+                        help="Only print the README table of an existing result file.")
     return parser.parse_args()
 
 
@@ -226,8 +228,50 @@ def offline_images_per_s(pipe, batch_size, seconds) -> float:
     return count * batch_size / (time.perf_counter() - started)
 
 
+def markdown_table(result) -> str:
+    """The README table of one result."""
+    rows = ["| phase | offered req/s | req/s | images/s | p50 ms | p95 ms | p99 ms | batches formed: mean images "
+            "(histogram) | errors |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def row(name, phase, offered="closed loop"):
+        batches = phase.get("batches")
+        formed = f"{batches['mean_images']} ({', '.join(f'{k}: {v}' for k, v in batches['histogram'].items())})" \
+            if batches and batches["batches"] else "-"
+        errors = sum(phase["errors"].values())
+        rows.append(f"| {name} | {offered} | {phase['requests_per_s']} | {phase['images_per_s']} | {phase['p50_ms']} "
+                    f"| {phase['p95_ms']} | {phase['p99_ms']} | {formed} | {errors} |")
+
+    row("unloaded (1 client)", result["unloaded"])
+    row("saturation, 1 image/request (64 clients)", result["saturation"])
+    eight = result["saturation_8_images_per_request"]
+    row(f"saturation, 8 images/request ({eight['concurrency']} clients)", eight)
+    for level in result["load_levels"]:
+        row(f"{int(level['fraction'] * 100)} % of saturation", level, level["offered_requests_per_s"])
+    fault = result["fault"]
+    row("fault run (50 %, replica killed)", fault, round(0.5 * result["saturation"]["requests_per_s"], 2))
+    offline = result["offline"]
+    targets = result["targets"]
+    lines = [
+        "\n".join(rows), "",
+        f"- Offline `ConsistencyPipeline` at batch {offline['batch_size']}: {offline['images_per_s']} images/s "
+        f"(best of runs {offline['runs']}). Throughput ratio at saturation: **{result['throughput_ratio']}** with "
+        f"single-image requests, **{eight['throughput_ratio']}** with 8-image requests (target >= 0.8).",
+        f"- p99 at 50 % load / unloaded p50: **{targets['p99_at_50%_over_unloaded_p50']}** (target <= 3; against the "
+        f"unloaded p99: {targets['p99_at_50%_over_unloaded_p99']}).",
+        f"- Fault run: replica process killed at {fault['kill_at_s']} s; {fault['failed']} failed requests "
+        f"({fault['errors'] or 'none'}), {fault['hung']} hung (client timeout 90 s), longest request "
+        f"{fault['max_latency_ms'] / 1000:.1f} s; service back {fault['time_to_recovery_s']} s after the kill. "
+        f"Server start-up: {result['server_startup_s']} s.",
+    ]
+    return "\n".join(lines)
+
+
 def main():
     args = parse_args()
+    if args.table:
+        with open(args.table) as f:
+            print(markdown_table(json.load(f)))
+        return
     if args.quick:
         args.phase_s, args.fault_s = 5.0, 30.0
     torch.set_num_threads(args.threads)

@@ -101,6 +101,11 @@ class ConsistencyModel:
         self.generate_batch.set_batch_wait_timeout_s(self.settings.batch_wait_ms / 1000)
         self._info = self._model_info()
         self._batch_id = 0
+        # Ray Serve (2.60) forms the next batch while the previous one runs, so without this gate the requests that
+        # arrive during a forward pass are cut into small batches every `batch_wait_ms`; held here until the pass
+        # ends, they join one full batch.
+        self._model_free = asyncio.Event()
+        self._model_free.set()
         self._unet_calls = 0  # network evaluations, counted on the model thread (an edit's NFE)
         self.pipe.unet.register_forward_pre_hook(self._count_unet_call)
         # Warm-up: the first forward pass pays one-off costs (kernel selection, allocations) that a user should not.
@@ -175,6 +180,7 @@ class ConsistencyModel:
                   noise.rows(start, min(start + step, num_images)), time.perf_counter())
             for start in range(0, num_images, step)
         ]
+        await self._model_free.wait()
         results = await asyncio.gather(*(self.generate_batch(part) for part in parts))
         sample = torch.cat([result["sample"] for result in results])
         images = await asyncio.to_thread(self._encode, sample, request.get("output_format", "png"))
@@ -189,7 +195,11 @@ class ConsistencyModel:
     async def generate_batch(self, parts: list) -> list:
         """One forward pass per schedule over the queued parts (the limits are set per replica in `__init__`)."""
         started = time.perf_counter()
-        samples = await asyncio.get_running_loop().run_in_executor(self.executor, self._sample_parts, parts)
+        self._model_free.clear()
+        try:
+            samples = await asyncio.get_running_loop().run_in_executor(self.executor, self._sample_parts, parts)
+        finally:
+            self._model_free.set()
         self._batch_id += 1
         batch = {"id": self._batch_id, "images": _images_in(parts), "requests": len(parts)}
         # Each batch is reported once, with its first part, so that the server's histogram counts batches.
