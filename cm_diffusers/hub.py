@@ -389,7 +389,8 @@ def eval_results_from_report(report: dict) -> dict:
     reference = report.get("reference") or {}
     if isinstance(reference, dict) and reference.get("source"):
         source = str(reference["source"]).split(":n=")[0]
-        source = source.split(":")[0] if source.startswith("folder:") else source  # no local paths on the card
+        if source.startswith("folder:"):  # "folder:/abs/path:hash:res=16": no local paths on the card
+            source = f"the folder {os.path.basename(source.split(':')[1])}"
         results["reference"] = f"{reference.get('count')} images of {source}"
     for key in ("num_samples", "seed"):
         if report.get(key) is not None:

@@ -129,7 +129,7 @@ def test_push_uploads_an_allow_list_and_refuses_files_holding_the_token(model_di
         assert "contain(s) a Hugging Face token" in capsys.readouterr().out
 
 
-def test_secret_flags_of_any_name_are_redacted_in_cards(model_dir, tmp_path):
+def test_secret_flags_of_any_name_are_redacted_in_cards(model_dir, tmp_path, monkeypatch):
     from cm_diffusers.hub import save_model_card
     from cm_diffusers.safety import redact_command
 
@@ -140,6 +140,9 @@ def test_secret_flags_of_any_name_are_redacted_in_cards(model_dir, tmp_path):
     secret = "hf_" + "A" * 34
     card = save_model_card(folder, training_command=f"python train.py --wandb_api_key k123 --note {secret}")
     assert "k123" not in card.text and secret not in card.text and "--wandb_api_key REDACTED" in card.text
+    monkeypatch.setenv("HF_TOKEN", "my-env-token-1234")  # whatever its shape, the environment's token never shows
+    card = save_model_card(folder, training_command="HF_TOKEN=my-env-token-1234 python train.py", extra={"x": 1})
+    assert "my-env-token-1234" not in (folder / "README.md").read_text()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -335,6 +338,7 @@ def test_card_reads_the_results_file_of_evaluate(model_dir, tmp_path, capsys):
                        ("kid", "2-steps-sigmas_80_0.821"): 0.015}  # fmt: skip
     assert "kid_subsets" not in str(load_card_info(folder)["eval_results"])
     assert "500 images of fashion-mnist-train" in card.text and "30.00 (heun, NFE 9)" in card.text
+    assert str(tmp_path) not in card.text
 
     # What it cannot read is refused, and the card stays as it was.
     before = (folder / "README.md").read_text()
@@ -447,11 +451,18 @@ def test_nan_samples_give_no_fid():
 
 
 def test_cards_hold_no_local_paths_and_dry_run_flags_them(data_dir, unet_config, tmp_path, capsys):
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    teacher = tmp_path / "my-teacher"
+    DDPMPipeline(unet=make_tiny_unet(seed=1), scheduler=DDPMScheduler()).save_pretrained(teacher)
     out = tmp_path / "run"
-    train(*ict_flags(data_dir, unet_config, out, 1))
+    flags = ict_flags(data_dir, unet_config, out, 1)
+    flags[flags.index("ict")] = "ect"
+    train(*flags, "--teacher_model_name_or_path", teacher)
     card = (out / "README.md").read_text()
     assert str(tmp_path) not in card and str(data_dir) not in card and str(unet_config) not in card
     assert f"{data_dir.name} (a local folder)" in card and "--unet_config config.json" in card
+    assert "my-teacher (a local folder)" in card and "--teacher_model_name_or_path my-teacher" in card
     assert cli_main(["push", str(out), "--repo_id", "someone/x", "--dry_run"]) == 0
     assert "local path" not in capsys.readouterr().out
 

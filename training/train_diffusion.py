@@ -60,6 +60,7 @@ from cm_diffusers.training_utils import (  # noqa: E402
     find_checkpoint,
     load_checkpoint,
     make_accelerator,
+    public_config,
     raise_if_not_finite,
     raise_if_weights_not_finite,
     run_script,
@@ -367,11 +368,6 @@ def optimizer_settings(args) -> dict:
     return {name: getattr(args, name) for name in names}
 
 
-def tracker_config(args) -> dict:
-    """TensorBoard's hparams accept only numbers, strings and booleans."""
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
-
-
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -442,7 +438,7 @@ def main(args):
         model, optimizer, train_dataloader, lr_scheduler
     )
     if accelerator.is_main_process:
-        accelerator.init_trackers("train_diffusion", config=tracker_config(args))
+        accelerator.init_trackers("train_diffusion", config=public_config(args))  # secrets left out
 
     # Resume: the step fixes the epoch and how many batches of it were already used
     global_step = 0
