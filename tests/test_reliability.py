@@ -233,6 +233,7 @@ def _unshare_works() -> bool:
     return result.returncode == 0
 
 
+@pytest.mark.slow  # a training script in a subprocess each: ~20 s on 2 shared cores
 @pytest.mark.skipif(not _unshare_works(), reason="needs unprivileged user and mount namespaces (unshare -Urm)")
 @pytest.mark.parametrize("script,size_kb,what", [("train_consistency", 1024, "checkpoint-1"),
                                                  ("train_consistency", 2600, "the pipeline"),
