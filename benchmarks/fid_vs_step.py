@@ -21,7 +21,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 from diffusers import UNet2DModel  # noqa: E402
 
@@ -58,14 +59,15 @@ def evaluate(folder: str, args, extra_sigmas: str) -> list:
     out = os.path.join(folder, "eval")
     if not os.path.isfile(os.path.join(out, "results.json")):
         command = [
-            os.path.join(os.path.dirname(sys.executable), "cm-diffusers"), "evaluate", "--model", folder,
+            sys.executable, "-m", "cm_diffusers.cli", "evaluate", "--model", os.path.abspath(folder),
             "--steps", "1", "--num_samples", str(args.num_samples), "--seed", "0",
             "--reference", "fashion-mnist-train", "--reference_num_samples", "10000",
-            "--output_dir", out, "--no_progress",
+            "--output_dir", os.path.abspath(out), "--no_progress", "--batch_size", "100",
+            "--cache_dir", os.path.abspath(args.cache_dir),
         ]  # fmt: skip
         if extra_sigmas:
             command += ["--sigmas", extra_sigmas]
-        subprocess.run(command, check=True)
+        subprocess.run(command, check=True, cwd=REPO)  # this checkout's cm_diffusers, not another installed one
     with open(os.path.join(out, "results.json")) as f:
         return json.load(f)["results"]
 
@@ -76,6 +78,7 @@ def main():
     parser.add_argument("--init_from", type=str, default=None, help="Teacher folder: its weights are step 0.")
     parser.add_argument("--two_step_sigmas", type=str, default="80,0.821", help="2-step schedule ('' to skip).")
     parser.add_argument("--num_samples", type=int, default=500)
+    parser.add_argument("--cache_dir", type=str, default=".fid_cache", help="Cached reference statistics.")
     parser.add_argument("--steps", type=str, default=None, help="Only these checkpoint steps (comma-separated).")
     parser.add_argument("--output", type=str, default="benchmarks/results/quality_fid_vs_step.json")
     args = parser.parse_args()
