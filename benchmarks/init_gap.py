@@ -80,7 +80,8 @@ def warm_up(student, teacher, images, steps, batch_size, lr, sigma_min, sigma_ma
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher", action="append", required=True, help="label=folder-or-name; repeat.")
+    parser.add_argument("--teacher", action="append", default=[], help="label=folder-or-name; repeat.")
+    parser.add_argument("--merge", nargs="+", default=None, help="Combine the rows of JSON files of this script.")
     parser.add_argument("--warmup_steps", type=str, default="0,200", help="Comma-separated warm-up lengths.")
     parser.add_argument("--num_images", type=int, default=128, help="Test images the gap is measured on.")
     parser.add_argument("--num_sigmas", type=int, default=12, help="Karras grid points from 0.002 to 80.")
@@ -91,6 +92,13 @@ def main():
     parser.add_argument("--plot", action="store_true", help="Also write the PNG next to the JSON.")
     args = parser.parse_args()
     torch.set_num_threads(args.num_threads)
+    if args.merge:
+        reports = [json.load(open(path)) for path in args.merge]
+        report = {"protocol": reports[0]["protocol"], "rows": [row for r in reports for row in r["rows"]]}
+        write(report, args.output, args.plot)
+        return
+    if not args.teacher:
+        parser.error("--teacher or --merge is required.")
 
     test = torch.from_numpy(read_fashion_mnist("test").copy()).float().div(127.5).sub(1).unsqueeze(1)
     train = torch.from_numpy(read_fashion_mnist("train").copy()).float().div(127.5).sub(1).unsqueeze(1)
@@ -138,10 +146,14 @@ def main():
             row["max_abs_f_minus_x_at_sigma_min"] = (identity - x0).abs().max().item()
             report["rows"].append(row)
             print(label, steps, " ".join(f"{s:.3g}:{g:.3g}" for s, g in zip(sigmas, row["gap"])), flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
+    write(report, args.output, args.plot)
+
+
+def write(report: dict, output: str, plot: bool):
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as f:
         json.dump(report, f, indent=2)
-    if args.plot:
+    if plot:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -158,8 +170,8 @@ def main():
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(os.path.splitext(args.output)[0] + ".png", dpi=120)
-    print(f"wrote {args.output}")
+        fig.savefig(os.path.splitext(output)[0] + ".png", dpi=120)
+    print(f"wrote {output}")
 
 
 if __name__ == "__main__":
