@@ -21,6 +21,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +36,6 @@ sys.path.insert(0, REPO)
 
 from cm_diffusers.parameterization import sigma_to_t  # noqa: E402
 from cm_diffusers.teachers import load_teacher  # noqa: E402
-from training import train_consistency  # noqa: E402
 
 PRESETS = {
     # DESIGN.md's CPU model: Fashion-MNIST size, blocks (32, 64, 64), one attention level
@@ -138,17 +138,20 @@ def main():
                  "--train_batch_size", batch_size, "--target_ema_decay", 0.95, "--ema_decay", 0.9999,
                  "--mixed_precision", args.mixed_precision, "--dataloader_num_workers", num_workers,
                  "--num_validation_images", 4, "--ode_solver", "heun"]  # fmt: skip
-        train_consistency.main(train_consistency.parse_args([str(flag) for flag in flags]))
+        # the script itself, as a user runs it (benchmarks import no script), on the same number of threads
+        script = os.path.join(REPO, "training", "train_consistency.py")
+        env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "HF_HUB_OFFLINE": "1"}
+        subprocess.run([sys.executable, script, *map(str, flags)], check=True, env=env)
         with open(os.path.join(run_dir, "logs", "train_log.jsonl")) as f:
             log = [entry for entry in map(json.loads, f) if "step_time" in entry]
         step_times, data_times = [entry["step_time"] for entry in log], [entry["data_time"] for entry in log]
         timed = step_times[args.warmup_steps :]
-        peak_train = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        peak_train = log[-1].get("cuda_max_memory_mib") if device.type == "cuda" else None  # the script's own
 
         floor_after = measure_floor(teacher, student, batch, args.floor_repeats, device, autocast_dtype)
         floors = floor_before + floor_after
 
-    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    peak_rss_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the training process; Linux: KiB
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
     result = {
         "benchmark": "train_throughput",
@@ -169,7 +172,7 @@ def main():
         "target_ratio": 1.10,
         "data_loading_seconds": statistics.median(data_times[args.warmup_steps :]),
         "images_per_second": batch_size / statistics.median(timed),
-        "peak_cuda_memory_mib": peak_train / 2**20 if peak_train is not None else None,
+        "peak_cuda_memory_mib": peak_train,
         "peak_rss_mib": peak_rss_mib,
         "step_times": step_times,
         "floor_times": floors,

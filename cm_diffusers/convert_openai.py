@@ -392,7 +392,8 @@ def convert_openai_checkpoint(
     unet = UNet2DModel.from_config(unet_config)
     unet.load_state_dict(convert_state_dict(checkpoint, unet_config), strict=True)
     unet.eval()
-    from .training_utils import save_pretrained_atomic  # a failed write (full disk) leaves no half-written folder
+    # a failed write (a full disk) leaves no half-written folder
+    from .training.checkpoints import save_pretrained_atomic
 
     if kind == "edm":
         save_pretrained_atomic(lambda folder: _save_teacher(unet, folder), str(output_dir), needed_bytes=_bytes(unet))

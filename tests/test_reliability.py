@@ -208,7 +208,7 @@ def test_failed_checkpoint_write_removes_the_temporary_folder_and_says_how_much_
 
     from accelerate import Accelerator
 
-    from cm_diffusers.training_utils import save_checkpoint
+    from cm_diffusers.training.checkpoints import save_checkpoint
 
     accelerator = Accelerator(cpu=True)
     model = accelerator.prepare(make_tiny_unet())

@@ -22,6 +22,8 @@ sys.path.insert(0, str(REPO))
 from cm_diffusers.hub import MODES  # noqa: E402
 from cm_diffusers.losses import Curriculum, DenoiserLoss, Levels, PseudoHuber, build_loss  # noqa: E402
 from cm_diffusers.networks import unet_forward  # noqa: E402
+from cm_diffusers.training.loop import weights_digest  # noqa: E402
+from cm_diffusers.training.runtime import default_unet_config  # noqa: E402
 from training import train_consistency  # noqa: E402
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -315,7 +317,7 @@ def test_two_processes_train_one_model(data_dir, unet_config, tmp_path):
     assert [entry for entry in rank0 if entry.get("event")] == [{"event": "saved_pipeline", "rank": 0}]
     assert not [entry for entry in rank1 if entry.get("event")]
     pipe = assert_pipeline_samples(out, {"num_inference_steps": 1})
-    assert train_consistency.weights_digest(pipe.unet) == steps0[-1]["weights_sha256"]
+    assert weights_digest(pipe.unet) == steps0[-1]["weights_sha256"]
 
 
 def test_push_to_hub_uploads_the_pipeline_without_checkpoints_or_logs(data_dir, unet_config, tmp_path, monkeypatch):
@@ -334,13 +336,13 @@ def test_push_to_hub_uploads_the_pipeline_without_checkpoints_or_logs(data_dir, 
 
 
 def test_default_student_is_sized_for_the_data():
-    config = train_consistency.default_unet_config(28, 1)  # Fashion-MNIST: grayscale stays one channel
+    config = default_unet_config(28, 1)  # Fashion-MNIST: grayscale stays one channel
     unet = UNet2DModel.from_config(config)
     assert (unet.config.in_channels, unet.config.out_channels, unet.config.sample_size) == (1, 1, 28)
     assert 1.0e6 < sum(p.numel() for p in unet.parameters()) < 2.0e6  # the teacher's size: CD/ECT students match
-    assert train_consistency.default_unet_config(64, 3, num_class_embeds=10)["num_class_embeds"] == 10
+    assert default_unet_config(64, 3, num_class_embeds=10)["num_class_embeds"] == 10
     with pytest.raises(ValueError, match="divisible by 4"):
-        train_consistency.default_unet_config(30, 1)
+        default_unet_config(30, 1)
 
 
 def test_class_conditional_flag_is_never_silently_dropped(data_dir, unet_config, tmp_path):

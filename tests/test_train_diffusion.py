@@ -8,7 +8,8 @@ from conftest import requires_fashion_mnist
 from helpers import make_tiny_unet
 from safetensors.torch import load_file
 
-from training.train_diffusion import default_unet_config, main, parse_args
+from cm_diffusers.training.runtime import default_unet_config
+from training.train_diffusion import main, parse_args
 
 
 @pytest.fixture(autouse=True)
@@ -94,7 +95,7 @@ def test_ddpm_loss_falls_and_the_folder_is_a_ddpm_pipeline(tmp_path, tiny_unet_c
     images = pipe(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(0), output_type="np").images
     assert images.shape == (2, 16, 16, 1) and images.min() >= 0 and images.max() <= 1
     # the saved weights are the EMA weights of the last checkpoint
-    ema = torch.load(out / "checkpoint-30" / "custom_checkpoint_0.pkl", weights_only=True)
+    ema = torch.load(out / "checkpoint-30" / "custom_checkpoint_1.pkl", weights_only=True)  # 0 is the lr schedule
     saved = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     assert torch.equal(saved["conv_in.weight"], ema["shadow_params"][0])
 
@@ -137,8 +138,8 @@ def test_resume_is_exact(tmp_path, tiny_unet_config):
     assert weights_a.keys() == weights_b.keys()
     for name in weights_a:
         torch.testing.assert_close(weights_a[name], weights_b[name], rtol=0, atol=1e-6)
-    ema_a = torch.load(straight / "custom_checkpoint_0.pkl", weights_only=True)
-    ema_b = torch.load(resumed / "custom_checkpoint_0.pkl", weights_only=True)
+    ema_a = torch.load(straight / "custom_checkpoint_1.pkl", weights_only=True)
+    ema_b = torch.load(resumed / "custom_checkpoint_1.pkl", weights_only=True)
     assert ema_a["optimization_step"] == ema_b["optimization_step"] == 6
     for a, b in zip(ema_a["shadow_params"], ema_b["shadow_params"]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

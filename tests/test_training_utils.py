@@ -10,14 +10,14 @@ import torch
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 
-from cm_diffusers.training_utils import (
+from cm_diffusers.training.checkpoints import (
     find_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    make_accelerator,
     raise_if_not_finite,
     save_checkpoint,
 )
+from cm_diffusers.training.runtime import make_accelerator
 
 
 @pytest.fixture(autouse=True)
@@ -143,7 +143,8 @@ def test_two_process_cpu_launch_forms_a_gloo_group(tmp_path):
         textwrap.dedent(
             """
             import torch
-            from cm_diffusers.training_utils import make_accelerator, save_checkpoint
+            from cm_diffusers.training.checkpoints import save_checkpoint
+            from cm_diffusers.training.runtime import make_accelerator
             accelerator = make_accelerator()
             rank = torch.tensor([float(accelerator.process_index + 1)])
             total = accelerator.reduce(rank, "sum").item()

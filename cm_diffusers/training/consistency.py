@@ -1,0 +1,241 @@
+"""The consistency-model parts of `training/train_consistency.py`: what each mode expands into, the teacher, the
+student, the losses, the sampling schedules of the saved pipeline, validation grids and the final save."""
+
+import copy
+import logging
+import math
+import os
+
+import torch
+from diffusers import UNet2DModel
+
+from ..images import image_grid
+from ..losses import Curriculum, DenoiserLoss, build_loss, make_distance
+from ..parameterization import karras_sigmas
+from ..pipeline_consistency import ConsistencyPipeline
+from ..safety import save_image_atomic
+from ..scheduling_consistency import ConsistencyScheduler
+from .checkpoints import save_pretrained_atomic
+from .runtime import default_unet_config
+
+logger = logging.getLogger(__name__)
+
+MODES = ("cd", "ct", "ict", "ect")
+
+# What `--mode` expands into; any flag given explicitly wins. Paper values are for CIFAR-10 (Song et al. 2023 for
+# cd/ct, Song & Dhariwal 2023 for ict, Geng et al. 2024 for ect); pseudo-Huber replaces LPIPS, whose backbone
+# weights cannot be downloaded here (iCT shows pseudo-Huber matches it).
+MODE_DEFAULTS = {
+    "cd": dict(num_scales=18, target_ema_decay=0.0, learning_rate=4e-4, loss_type="pseudo_huber", dropout=0.0),
+    "ct": dict(s0=2, s1=150, mu0=0.9, learning_rate=4e-4, loss_type="pseudo_huber", dropout=0.0),
+    "ict": dict(s0=10, s1=1280, learning_rate=1e-4, loss_type="pseudo_huber", dropout=0.3),
+    "ect": dict(learning_rate=1e-4, loss_type="pseudo_huber", dropout=0.2),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Teacher, student, losses
+
+
+def load_teacher_for(args, accelerator, weight_dtype):
+    """The teacher (or None) and the noise range the run uses: the flags' range clipped to the teacher's own."""
+    if args.teacher_model_name_or_path is None:
+        return None, args.sigma_min, args.sigma_max
+    from ..teachers import load_teacher
+
+    with accelerator.main_process_first():
+        teacher = load_teacher(args.teacher_model_name_or_path, weight_dtype, accelerator.device)
+    teacher.unet.requires_grad_(False).eval()
+    # the teacher knows nothing outside its own noise range
+    sigma_min, sigma_max = max(args.sigma_min, float(teacher.sigma_min)), min(args.sigma_max, float(teacher.sigma_max))
+    logger.info(f"Teacher {args.teacher_model_name_or_path} ({teacher.kind}): sigma in [{sigma_min}, {sigma_max}]")
+    return teacher, sigma_min, sigma_max
+
+
+def build_student(args, teacher, dataset_classes, resolution: int, channels: int) -> UNet2DModel:
+    """The online network: --unet_config, else the teacher's architecture, else `default_unet_config`; started from
+    the teacher's weights when the architectures match."""
+    if args.unet_config:
+        config = dict(UNet2DModel.load_config(args.unet_config))
+    elif teacher is not None:
+        config = dict(teacher.unet.config)
+    else:
+        config = default_unet_config(resolution, channels, dataset_classes if args.class_conditional else None)
+    config["dropout"] = args.dropout
+    unet = UNet2DModel.from_config(config)
+    # Only an EDM teacher trained with the consistency time input t = 250 ln sigma (--edm_time_input consistency, or
+    # OpenAI's c_noise_scale 1000) has exactly the student's scalings; a diffusers EDM model takes c_noise = ln(sigma)
+    # / 4 and a DDPM eps-model x / sqrt(1 + sigma^2) at t in [0, 1000) and predicts noise. Their convolution and
+    # attention features still transfer (--denoiser_warmup_steps re-learns the rest; --no_teacher_init to compare).
+    if teacher is not None and not args.no_teacher_init:
+        try:
+            unet.load_state_dict(teacher.unet.state_dict())
+            logger.info("Student initialised from the teacher's UNet.")
+        except RuntimeError:
+            logger.warning("The student's architecture differs from the teacher's: random initialisation.")
+    size = unet.config.sample_size
+    if unet.config.in_channels != channels or (size if isinstance(size, int) else tuple(size)[0]) != resolution:
+        raise ValueError(
+            f"The UNet takes {unet.config.in_channels} channel(s) at sample_size {size}, the data has "
+            f"{channels} at {resolution}x{resolution}: pass --resolution/--channels or --unet_config."
+        )
+    if unet.config.num_class_embeds is not None and dataset_classes is None:
+        raise ValueError("The UNet is class-conditional but the training data has no labels (--label_column).")
+    if args.class_conditional and dataset_classes is None:
+        raise ValueError("--class_conditional needs a dataset with class labels (see --label_column).")
+    if args.class_conditional and unet.config.num_class_embeds is None:
+        raise ValueError(
+            "--class_conditional was given, but the student's architecture (from the teacher or --unet_config) is "
+            "unconditional: drop the flag, or pass a --unet_config with num_class_embeds."
+        )
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet.train()
+
+
+def build_curriculum(args) -> Curriculum:
+    """N(k), mu(k) and the ECT stage as functions of the step after the denoiser warm-up."""
+    flags = dict(num_scales=args.num_scales, target_ema=args.target_ema_decay, s0=args.s0, s1=args.s1, mu0=args.mu0,
+                 num_stages=args.ect_num_stages)  # fmt: skip
+    flags = {name: value for name, value in flags.items() if value is not None}  # the mode's own flags
+    return Curriculum(args.mode, args.max_train_steps - args.denoiser_warmup_steps, **flags)
+
+
+def teacher_clip_denoised(choice: str, teacher) -> bool:
+    """--teacher_clip_denoised: yes/no, or auto = whatever the teacher's own sampler does (DDPM `clip_sample`)."""
+    if choice == "auto":
+        from ..sampling import teacher_clips_denoised
+
+        return teacher is not None and teacher_clips_denoised(teacher)
+    return choice == "yes"
+
+
+def build_losses(args, teacher, sigma_min: float, sigma_max: float, device) -> tuple:
+    """The consistency loss of the mode and the denoiser warm-up's loss (None without a warm-up), sharing their
+    noise levels and scalings."""
+    noise_levels = dict(sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=args.sigma_data, p_mean=args.p_mean,
+                        p_std=args.p_std)  # fmt: skip
+    clip_denoised = teacher_clip_denoised(args.teacher_clip_denoised, teacher)
+    loss_fn = build_loss(args.mode, make_distance(args.loss_type, args.huber_c, device),
+                         teacher=teacher if args.mode == "cd" else None, ode_solver=args.ode_solver,
+                         teacher_clip_denoised=clip_denoised, rho=args.rho, q=args.ect_q, k=args.ect_k, b=args.ect_b,
+                         **noise_levels)  # fmt: skip
+    warmup_loss_fn = None
+    if args.denoiser_warmup_steps:
+        warmup_teacher = teacher if args.denoiser_warmup_target == "teacher" else None
+        warmup_loss_fn = DenoiserLoss(warmup_teacher, clip_denoised=clip_denoised, **noise_levels)
+    return loss_fn, warmup_loss_fn
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling, validation, the saved pipeline and its card
+
+
+def pipeline_scheduler(args, curriculum: Curriculum, sigma_min: float, sigma_max: float) -> tuple:
+    """The scheduler of the saved pipeline (the grid of the final step; ect trains on continuous levels and gets the
+    default 40-point grid, sampled by sigmas) and the 1-/2-step schedules it is sampled with."""
+    num_train_timesteps = curriculum(curriculum.total_steps).num_scales if args.mode != "ect" else 40
+    scheduler = ConsistencyScheduler(num_train_timesteps=num_train_timesteps, sigma_min=sigma_min, sigma_max=sigma_max,
+                                     sigma_data=args.sigma_data, rho=args.rho)  # fmt: skip
+    return scheduler, sampling_schedules(args, num_train_timesteps, sigma_min, sigma_max)
+
+
+def sampling_schedules(args, num_train_timesteps: int, sigma_min: float, sigma_max: float) -> dict:
+    """The 1-step and 2-step schedules the model is sampled with: grid `timesteps`, or `sigmas` for ECT."""
+    if args.mode == "ect":  # trained on continuous levels, not a grid
+        return {"1step": {"sigmas": [sigma_max]}, "2step": {"sigmas": [sigma_max, args.sigma_mid]}}
+    grid = karras_sigmas(num_train_timesteps, sigma_min, sigma_max, args.rho)
+    mid = int(abs(grid[1:-1] - args.sigma_mid).argmin()) + 1 if num_train_timesteps > 2 else 0
+    two_step = [mid, 0] if mid > 0 else [0]
+    return {"1step": {"num_inference_steps": 1}, "2step": {"timesteps": two_step}}
+
+
+def sample_grids(pipeline, schedules: dict, num_images: int, seed: int) -> dict:
+    """{name: (PIL grid, images as numpy NHWC)} for each schedule, with fixed noise."""
+    grids = {}
+    rows = int(math.sqrt(num_images))
+    columns = num_images // rows
+    for name, schedule in schedules.items():
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        latents = torch.randn(pipeline.sample_shape(num_images), generator=generator).to(pipeline.device)
+        images = pipeline(batch_size=num_images, latents=latents, generator=generator, output_type="np", **schedule)
+        grids[name] = (image_grid(images.images[: rows * columns], nrow=columns), images.images)
+    return grids
+
+
+def log_validation(accelerator, unet, ema, scheduler, schedules, args, global_step):
+    """Samples 1- and 2-step grids with the evaluation weights; saves PNGs and logs them to TensorBoard."""
+    if ema is not None:
+        ema.store(unet.parameters())
+        ema.copy_to(unet.parameters())
+    unet.eval()
+    pipeline = ConsistencyPipeline(unet=unet, scheduler=scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    grids = sample_grids(pipeline, schedules, args.num_validation_images, args.seed)
+    folder = os.path.join(args.output_dir, "samples")
+    os.makedirs(folder, exist_ok=True)
+    for name, (grid, images) in grids.items():
+        save_image_atomic(grid, os.path.join(folder, f"step_{global_step:07d}_{name}.png"))
+        if args.report_to == "tensorboard":
+            tracker = accelerator.get_tracker("tensorboard", unwrap=True)
+            tracker.add_images(f"samples_{name}", images, global_step, dataformats="NHWC")
+    unet.train()
+    if ema is not None:
+        ema.restore(unet.parameters())
+
+
+def describe_loss(args) -> str:
+    weighting = "1/(sigma_n - sigma_{n+1})" if args.mode in ("ict", "ect") else "1"
+    distance = args.loss_type + (f" (c={args.huber_c})" if args.huber_c is not None else "")
+    return f"{distance}, weighting {weighting}"
+
+
+def mode_settings(args, sigma_min, sigma_max, final_levels) -> dict:
+    """The settings a model card lists under its training details."""
+    settings = dict(sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=args.sigma_data, dropout=args.dropout,
+                    learning_rate=args.learning_rate, optimizer=args.optimizer, batch_size=args.train_batch_size,
+                    ema_decay=args.ema_decay)  # fmt: skip
+    if args.denoiser_warmup_steps:
+        settings.update(denoiser_warmup_steps=args.denoiser_warmup_steps,
+                        denoiser_warmup_target=args.denoiser_warmup_target)  # fmt: skip
+    if args.mode == "cd":
+        settings.update(num_scales=args.num_scales, ode_solver=args.ode_solver, target_ema_decay=args.target_ema_decay,
+                        teacher_clip_denoised=args.teacher_clip_denoised)  # fmt: skip
+    elif args.mode in ("ct", "ict"):
+        settings.update(s0=args.s0, s1=args.s1, final_num_scales=final_levels.num_scales)
+        settings.update(mu0=args.mu0) if args.mode == "ct" else settings.update(p_mean=args.p_mean, p_std=args.p_std)
+    else:
+        settings.update(p_mean=args.p_mean, p_std=args.p_std, q=args.ect_q, k=args.ect_k, b=args.ect_b,
+                        num_stages=args.ect_num_stages)  # fmt: skip
+    return settings
+
+
+def save_pipeline(args, unet, ema, scheduler, schedules, final_levels, global_step, accelerator):
+    """Writes the ConsistencyPipeline folder, 1-/2-step sample grids and the model card; pushes it if asked."""
+    from ..hub import push_to_hub, save_model_card
+
+    unet = copy.deepcopy(unet).float()
+    if ema is not None:
+        ema.copy_to(unet.parameters())
+    unet.eval()
+    pipeline = ConsistencyPipeline(unet=unet, scheduler=scheduler)
+    weight_bytes = sum(parameter.numel() * parameter.element_size() for parameter in unet.parameters())
+    save_pretrained_atomic(pipeline.save_pretrained, args.output_dir, needed_bytes=weight_bytes)  # all or nothing
+    pipeline.set_progress_bar_config(disable=True)
+    for name, (grid, _) in sample_grids(pipeline, schedules, args.num_validation_images, args.seed).items():
+        save_image_atomic(grid, os.path.join(args.output_dir, f"samples_{name}.png"))
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    save_model_card(
+        args.output_dir, mode=args.mode, base_model=args.teacher_model_name_or_path,
+        dataset=args.dataset_name or args.train_data_dir,
+        training_command="accelerate launch training/train_consistency.py " + args.command_line,
+        hardware=f"{accelerator.num_processes} x {device}", train_steps=global_step, loss=describe_loss(args),
+        sampling=schedules["2step"], sample_grid="samples_2step.png",
+        extra=mode_settings(args, scheduler.config.sigma_min, scheduler.config.sigma_max, final_levels),
+    )
+    logger.info(f"Saved the pipeline to {args.output_dir}")
+    if args.push_to_hub:
+        repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+        url = push_to_hub(args.output_dir, repo_id, token=args.hub_token, private=args.hub_private_repo)
+        logger.info(f"Pushed to {url}")
