@@ -79,13 +79,19 @@ def start_server(args, log_path):
 
 
 def stop_server(process):
+    """SIGTERM to the serve process (it drains and stops its Ray instance), then SIGKILL to what is left of its
+    process group (Ray's processes share it, so the group must not get the SIGTERM before the drain)."""
     if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
+        process.send_signal(signal.SIGTERM)
         try:
             process.wait(90)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(10)
 
 
 def replica_pids(server_pid: int) -> list:

@@ -128,6 +128,9 @@ def run(args) -> int:
         while not stop.wait(0.5):
             pass
         print("cm-diffusers serve: shutting down (requests in flight complete first)", flush=True)
+        # Deleting the application first lets its replicas finish the requests they hold while the HTTP proxy is
+        # still up to deliver the answers; serve.shutdown() alone can stop the proxy under them.
+        serve.delete(APP_NAME)
         serve.shutdown()
         return 0
     except RuntimeError as error:

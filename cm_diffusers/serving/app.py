@@ -227,7 +227,9 @@ def create_app(backend, settings: ServerSettings, echo_request_id: bool = True) 
     async def call_backend(method: str, *args) -> dict:
         try:
             result = await asyncio.wait_for(getattr(backend, method)(*args), limits.request_timeout_s)
-        except (BackendUnavailable, asyncio.TimeoutError):
+        except (BackendUnavailable, asyncio.TimeoutError) as error:
+            logging.getLogger("cm_diffusers.serving").warning("%s: the model did not answer (%s: %s)", method,
+                                                              type(error).__name__, error)
             raise ApiError(503, "unavailable", "The model is not available right now (starting, restarting or "
                                                "overloaded); retry shortly.", headers={"Retry-After": "2"})
         if isinstance(result, dict) and "error" in result:

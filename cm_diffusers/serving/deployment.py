@@ -60,11 +60,15 @@ class APIIngress:
 def build_application(settings: ServerSettings, num_replicas: int = 1, ray_actor_options: dict | None = None,
                       autoscaling_config: dict | None = None, ingress_replicas: int = 1):
     """The bound Serve application for `serve.run`: `num_replicas` model replicas (or an autoscaling range)."""
-    # In-flight requests per model replica: a full batch queued behind the running one, plus room for edits.
-    max_ongoing = 4 * settings.max_batch_size + 8
+    # Requests in flight per model replica: a full batch waiting behind the running one, plus room for edits. Past
+    # that, at most max(64, 4 batches) wait at each caller; more get an immediate 503 with Retry-After rather than a
+    # place in a backlog that only grows (after a replica crash, an unbounded backlog kept the restarted replica
+    # behind for minutes in the fault run of benchmarks/serve_load.py).
     model_options = {
         "name": MODEL_DEPLOYMENT, "ray_actor_options": ray_actor_options or {"num_cpus": 1},
-        "max_ongoing_requests": max_ongoing, "graceful_shutdown_timeout_s": 30,
+        "max_ongoing_requests": 2 * settings.max_batch_size + 8,
+        "max_queued_requests": max(64, 4 * settings.max_batch_size),
+        "graceful_shutdown_timeout_s": 30,
         "health_check_period_s": 2, "health_check_timeout_s": 30,
     }
     if autoscaling_config:
