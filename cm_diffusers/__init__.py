@@ -29,7 +29,7 @@ _LAZY = {
     "reference_statistics": "evaluation",
     "sample_ode": "sampling",
     "sample_teacher": "sampling",
-    "save_model_card": "hub",
+    "save_model_card": "model_card",
     "push_to_hub": "hub",
     "convert_openai_checkpoint": "convert_openai",
 }
