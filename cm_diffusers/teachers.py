@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from .networks import unet_forward
 from .parameterization import append_dims
 
 DISCRETE_SCHEDULERS = (
@@ -99,8 +100,7 @@ class Denoiser(torch.nn.Module):
         return self.denoise(x.to(compute_dtype), sigma, class_labels).to(x.dtype)
 
     def _unet(self, model_input, timestep, class_labels):
-        cond = {"class_labels": class_labels} if class_labels is not None else {}
-        return self.unet(model_input.to(self.unet.dtype), timestep, return_dict=False, **cond)[0]
+        return unet_forward(self.unet, dtype=self.unet.dtype)(model_input, timestep, class_labels)
 
     def extra_repr(self) -> str:
         sigma_range = f"[{self.sigma_min:.4g}, {self.sigma_max:.4g}]"
@@ -110,6 +110,10 @@ class Denoiser(torch.nn.Module):
 class DDPMDenoiser(Denoiser):
     """A discrete-time DDPM network as D(x, sigma) (k-diffusion's DiscreteEpsDDPMDenoiser / DiscreteVDDPMDenoiser).
 
+    x_t = sqrt(alphabar) (x0 + sigma noise) with sigma = sqrt((1 - alphabar) / alphabar): the network sees c_in x at
+    the fractional timestep of sigma, and one hook per prediction type turns its output into x0 (`DDPMEpsDenoiser`,
+    `DDPMVDenoiser`, `DDPMSampleDenoiser`); `DDPMDenoiser(unet, config)` builds the one the config names.
+
     Args:
         unet: a UNet2DModel trained on timesteps 0..T-1.
         scheduler_config (`dict`): the checkpoint's scheduler config; diffusers' DDPMScheduler rebuilds its
@@ -118,29 +122,34 @@ class DDPMDenoiser(Denoiser):
 
     kind = "ddpm"
 
+    def __new__(cls, unet=None, scheduler_config=None):
+        if cls is DDPMDenoiser:  # pick the adapter of the config's prediction type
+            prediction_type = dict(scheduler_config or {}).get("prediction_type", "epsilon")
+            if prediction_type not in DDPM_ADAPTERS:
+                raise ValueError(
+                    f"Unsupported prediction_type {prediction_type!r}; DDPM teachers predict epsilon, v_prediction "
+                    f"or sample. Supported: {SUPPORTED}."
+                )
+            cls = DDPM_ADAPTERS[prediction_type]
+        return super().__new__(cls)
+
     def __init__(self, unet, scheduler_config: dict):
         from diffusers import DDPMScheduler
 
         config = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
-        prediction_type = config.get("prediction_type", "epsilon")
-        if prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(
-                f"Unsupported prediction_type {prediction_type!r}; DDPM teachers predict epsilon, v_prediction or "
-                f"sample. Supported: {SUPPORTED}."
-            )
         if config.get("rescale_betas_zero_snr", False):
             raise ValueError("Zero-terminal-SNR schedules (rescale_betas_zero_snr) have sigma_max = inf: unsupported.")
         known = inspect.signature(DDPMScheduler.__init__).parameters  # DDIM/PNDM/... configs add keys DDPM lacks
         ddpm = DDPMScheduler.from_config({k: v for k, v in config.items() if k in known})
         alphas_cumprod = ddpm.alphas_cumprod.to(torch.float64)
         sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()  # ascending in t
-        super().__init__(unet, scheduler_config, sigmas[0].item(), sigmas[-1].item(), prediction_type)
+        super().__init__(unet, scheduler_config, sigmas[0].item(), sigmas[-1].item(), self.prediction_type)
         self.sigmas = sigmas
         self.log_sigmas = sigmas.log()
         self._log_sigmas_on = {}
 
-    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Fractional timestep of sigma: linear interpolation of ln sigma between the discrete levels (clamped)."""
+    def sigma_to_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Fractional DDPM timestep of sigma: ln sigma interpolated linearly between the discrete levels (clamped)."""
         log_sigmas = self._log_sigmas_on.get(sigma.device)
         if log_sigmas is None:
             log_sigmas = self._log_sigmas_on.setdefault(sigma.device, self.log_sigmas.to(sigma.device))
@@ -152,13 +161,43 @@ class DDPMDenoiser(Denoiser):
 
     def denoise(self, x, sigma, class_labels=None):
         sigma_b = append_dims(sigma, x.ndim)
-        c_in = 1 / (sigma_b**2 + 1) ** 0.5  # = sqrt(alphabar): x_t = sqrt(alphabar) (x0 + sigma * noise)
-        model_output = self._unet(c_in * x, self.sigma_to_t(sigma), class_labels).to(x.dtype)
-        if self.prediction_type == "epsilon":
-            return x - sigma_b * model_output
-        if self.prediction_type == "v_prediction":  # x0 = sqrt(alphabar) x_t - sqrt(1 - alphabar) v
-            return c_in**2 * x - sigma_b * c_in * model_output
+        c_in = 1 / (sigma_b**2 + 1) ** 0.5  # = sqrt(alphabar)
+        model_output = self._unet(c_in * x, self.sigma_to_timestep(sigma), class_labels).to(x.dtype)
+        return self.output_to_denoised(x, sigma_b, c_in, model_output)
+
+    def output_to_denoised(self, x, sigma, c_in, model_output):
+        """The hook: x0 from the network's output (sigma and c_in = sqrt(alphabar) broadcast like x)."""
+        raise NotImplementedError
+
+
+class DDPMEpsDenoiser(DDPMDenoiser):
+    """epsilon prediction: x0 = x - sigma eps."""
+
+    prediction_type = "epsilon"
+
+    def output_to_denoised(self, x, sigma, c_in, model_output):
+        return x - sigma * model_output
+
+
+class DDPMVDenoiser(DDPMDenoiser):
+    """v prediction: x0 = sqrt(alphabar) x_t - sqrt(1 - alphabar) v, with x_t = c_in x."""
+
+    prediction_type = "v_prediction"
+
+    def output_to_denoised(self, x, sigma, c_in, model_output):
+        return c_in**2 * x - sigma * c_in * model_output
+
+
+class DDPMSampleDenoiser(DDPMDenoiser):
+    """x0 prediction: the output is the denoised sample."""
+
+    prediction_type = "sample"
+
+    def output_to_denoised(self, x, sigma, c_in, model_output):
         return model_output
+
+
+DDPM_ADAPTERS = {adapter.prediction_type: adapter for adapter in (DDPMEpsDenoiser, DDPMVDenoiser, DDPMSampleDenoiser)}
 
 
 class EDMDenoiser(Denoiser):

@@ -117,7 +117,7 @@ def test_ddpm_adapter_between_levels(prediction_type):
     for level in range(0, 999, 37):
         low, high = teacher.sigmas[level].item(), teacher.sigmas[level + 1].item()
         sigma = math.sqrt(low * high)  # half way in ln sigma: t = level + 1/2
-        assert teacher.sigma_to_t(torch.tensor([sigma])).item() == pytest.approx(level + 0.5, abs=1e-5)
+        assert teacher.sigma_to_timestep(torch.tensor([sigma])).item() == pytest.approx(level + 0.5, abs=1e-5)
         error = (teacher(x, sigma, labels) - posterior_mean(x, sigma, labels)).abs().max().item()
         # Between levels the oracle answers like a network trained on integer t (it mixes its two neighbours), so
         # the adapter's error is that of linear interpolation over one step delta of ln sigma: delta^2 / 8 times the
@@ -341,3 +341,17 @@ def test_unsupported_checkpoints_name_what_is_supported(tmp_path):
     write_folder(folder, scheduler_config={"_class_name": "DDIMScheduler", "prediction_type": "flow"})
     with pytest.raises(ValueError, match="Unsupported prediction_type 'flow'.*epsilon, v_prediction or sample"):
         load_teacher(str(folder))
+
+
+def test_one_adapter_per_prediction_type():
+    """DDPMDenoiser(unet, config) builds the adapter of the config's prediction type; each overrides one hook."""
+    from cm_diffusers.teachers import DDPMEpsDenoiser, DDPMSampleDenoiser, DDPMVDenoiser
+
+    unet = make_tiny_unet()
+    for prediction_type, adapter in [("epsilon", DDPMEpsDenoiser), ("v_prediction", DDPMVDenoiser),
+                                     ("sample", DDPMSampleDenoiser)]:  # fmt: skip
+        teacher = DDPMDenoiser(unet, {"num_train_timesteps": 1000, "prediction_type": prediction_type})
+        assert type(teacher) is adapter and teacher.prediction_type == prediction_type
+        assert set(vars(adapter)) & {"denoise", "output_to_denoised"} == {"output_to_denoised"}
+    with pytest.raises(ValueError, match="Unsupported prediction_type 'flow'"):
+        DDPMDenoiser(unet, {"prediction_type": "flow"})
