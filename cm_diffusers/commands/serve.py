@@ -12,8 +12,9 @@ def register(subparsers):
     parser = subparsers.add_parser(
         "serve", help="Serve a model over HTTP (Ray Serve): /v1/generate, /v1/edit/{task}, /metrics, /docs.",
         description="Starts a local Ray instance (or joins --address) and serves the model with dynamic batching, "
-                    "API keys, limits and Prometheus metrics. Stop it with Ctrl-C or SIGTERM: requests in flight "
-                    "complete first.")
+                    "API keys, limits and Prometheus metrics. Stop it with SIGTERM to this process (kill PID): "
+                    "requests in flight complete first. Ctrl-C in a terminal also reaches Ray's own processes and "
+                    "stops at once.")
     parser.add_argument("--model", default="fashion-mnist-cd",
                         help="Pipeline folder, Hub repo id, or shipped short name (default: fashion-mnist-cd).")
     parser.add_argument("--host", default="127.0.0.1",
