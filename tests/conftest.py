@@ -27,6 +27,26 @@ def tiny_unet():
     return make_tiny_unet()
 
 
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A real image folder for the training scripts: 32 grayscale 16x16 PNGs of seeded soft blobs."""
+    from helpers import write_blob_images
+
+    return write_blob_images(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="session")
+def unet_config(tmp_path_factory):
+    """make_tiny_unet's architecture as a --unet_config file."""
+    import json
+
+    from helpers import TINY_UNET_CONFIG
+
+    path = tmp_path_factory.mktemp("config") / "config.json"
+    path.write_text(json.dumps(TINY_UNET_CONFIG))
+    return path
+
+
 requires_fashion_mnist = pytest.mark.skipif(
     not os.path.isdir(FASHION_MNIST_DIR), reason="Fashion-MNIST not installed (make data)"
 )

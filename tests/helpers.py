@@ -1,7 +1,28 @@
 """Tiny real diffusers models built in code, so tests need no downloads."""
 
+import numpy as np
 import torch
 from diffusers import UNet2DModel
+from PIL import Image
+
+# the architecture of make_tiny_unet, as a --unet_config file for the training scripts
+TINY_UNET_CONFIG = {
+    "_class_name": "UNet2DModel", "sample_size": 16, "in_channels": 1, "out_channels": 1, "layers_per_block": 1,
+    "block_out_channels": [16, 32], "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 8, "attention_head_dim": 8,
+}  # fmt: skip
+
+
+def write_blob_images(folder, count: int = 32, size: int = 16):
+    """`count` grayscale images of soft blobs of random position, size and brightness (seeded): real PNG files for
+    the training scripts' image-folder path."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for i in range(count):
+        cy, cx, radius = rng.uniform(size / 4, 3 * size / 4), rng.uniform(size / 4, 3 * size / 4), rng.uniform(2, 5)
+        image = 255 * rng.uniform(0.5, 1.0) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius**2))
+        Image.fromarray(image.astype(np.uint8)).save(folder / f"{i:02d}.png")
+    return folder
 
 
 def make_tiny_unet(sample_size=16, in_channels=1, num_class_embeds=None, seed=0, dropout=0.0) -> UNet2DModel:

@@ -23,31 +23,6 @@ from cm_diffusers.cli import main as cli_main  # noqa: E402
 from training import train_consistency  # noqa: E402
 
 TOKEN = "hf_fake_write_token"  # what helpers_hub.FakeHub accepts
-TINY_UNET_CONFIG = {
-    "_class_name": "UNet2DModel", "sample_size": 16, "in_channels": 1, "out_channels": 1, "layers_per_block": 1,
-    "block_out_channels": [16, 32], "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 8, "attention_head_dim": 8,
-}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """32 grayscale 16x16 images (seeded blobs)."""
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:16, 0:16]
-    for i in range(32):
-        cy, cx, radius = rng.uniform(4, 12), rng.uniform(4, 12), rng.uniform(2, 5)
-        image = 255 * rng.uniform(0.5, 1.0) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius**2))
-        Image.fromarray(image.astype(np.uint8)).save(folder / f"{i:02d}.png")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def unet_config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("config") / "config.json"
-    path.write_text(json.dumps(TINY_UNET_CONFIG))
-    return path
 
 
 @pytest.fixture(scope="module")

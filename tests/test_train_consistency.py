@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-from helpers import make_tiny_unet
+from helpers import TINY_UNET_CONFIG, make_tiny_unet
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -27,32 +27,6 @@ from cm_diffusers.training.runtime import default_unet_config  # noqa: E402
 from training import train_consistency  # noqa: E402
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-# the architecture of helpers.make_tiny_unet, as a --unet_config file
-TINY_UNET_CONFIG = {
-    "_class_name": "UNet2DModel", "sample_size": 16, "in_channels": 1, "out_channels": 1, "layers_per_block": 1,
-    "block_out_channels": [16, 32], "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 8, "attention_head_dim": 8,
-}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """32 grayscale 16x16 images: soft blobs of random position, size and brightness (seeded)."""
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:16, 0:16]
-    for i in range(32):
-        cy, cx, radius = rng.uniform(4, 12), rng.uniform(4, 12), rng.uniform(2, 5)
-        image = 255 * rng.uniform(0.5, 1.0) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius**2))
-        Image.fromarray(image.astype(np.uint8)).save(folder / f"{i:02d}.png")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def unet_config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("config") / "config.json"
-    path.write_text(json.dumps(TINY_UNET_CONFIG))
-    return path
 
 
 @pytest.fixture(scope="module")
