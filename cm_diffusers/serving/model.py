@@ -117,7 +117,7 @@ class ConsistencyModel:
     # -- metadata --------------------------------------------------------------------------------------------------
 
     def _model_info(self) -> dict:
-        from ..hub import load_card_info
+        from ..model_card import load_card_info
         from ..shipped_models import resolve_pretrained
 
         _, channels, height, width = self.pipe.sample_shape(1)
