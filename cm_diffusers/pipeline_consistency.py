@@ -137,6 +137,7 @@ class ConsistencyPipeline(ConsistencyEditingMixin, DiffusionPipeline):
             return randn_tensor(self.sample_shape(batch_size), generator=generator, device=device, dtype=dtype)
         return latents.to(device=device, dtype=dtype)
 
+    @torch.no_grad()
     def sample(self, latents, sigmas, class_labels=None, generator=None, randn=None, callback=None) -> torch.Tensor:
         """
         Algorithm 1 on a batch: samples in the model's space [-1, 1] from standard normal `latents` over the
