@@ -78,3 +78,29 @@ def test_shipped_consistency_models_sample_garments_in_one_step_and_denoise(name
         with torch.no_grad():
             denoised = consistency_function(network, noisy, torch.full((32,), sigma), pipe.scheduler.config.sigma_min)
         assert (denoised - clean).pow(2).mean() < 0.4 * (noisy - clean).pow(2).mean()
+
+
+def test_shipped_edm_teacher_starts_its_students_and_guards_plain_diffusers():
+    """fashion-mnist-edm: an EDM teacher with the consistency time input. By short name it denoises; a consistency
+    function on its weights is its D up to the boundary terms; plain diffusers needs trust_remote_code to run it."""
+    from diffusers import DiffusionPipeline
+
+    from cm_diffusers.networks import unet_forward
+    from cm_diffusers.parameterization import consistency_function
+
+    path = resolve_pretrained("fashion-mnist-edm")
+    assert os.path.getsize(os.path.join(path, "unet", "diffusion_pytorch_model.safetensors")) < 20 * 2**20
+    teacher = load_teacher("fashion-mnist-edm")
+    assert teacher.kind == "edm" and teacher.scheduler_config["c_noise_scale"] == 1000.0
+    torch.manual_seed(0)
+    clean = torch.zeros(4, 1, 28, 28) - 1
+    clean[:, :, 6:22, 8:20] = 0.8
+    noisy = clean + 0.3 * torch.randn_like(clean)
+    with torch.no_grad():
+        denoised = teacher(noisy, torch.full((4,), 0.3))
+        f = consistency_function(unet_forward(teacher.unet), noisy, torch.full((4,), 2.0))
+        D = teacher(noisy, torch.full((4,), 2.0))
+    assert (denoised - clean).pow(2).mean() < 0.5 * (noisy - clean).pow(2).mean()
+    assert ((f - D).norm() / D.norm()).item() < 0.01
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        DiffusionPipeline.from_pretrained(path)
