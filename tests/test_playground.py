@@ -1,11 +1,12 @@
-"""The web playground in a real browser: `cm-diffusers serve --ui` (real Ray Serve, real HTTP on loopback), driven by
-headless Debian Chromium through selenium. Screenshots land in the test's temporary folder (and in
-$CM_DIFFUSERS_SCREENSHOT_DIR when set, which is how docs/images/playground-*.png are made)."""
+"""The web playground in a real browser: `cm-diffusers serve --ui --teacher fashion-mnist-ddpm` (real Ray Serve, real
+HTTP on loopback), driven by headless Debian Chromium through selenium. Screenshots land in the test's temporary
+folder (and in $CM_DIFFUSERS_SCREENSHOT_DIR when set, which is how docs/images/playground-*.png are made)."""
 
 import base64
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,6 +22,8 @@ import pytest
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 MODEL = "fashion-mnist-cd"
+TEACHER = "fashion-mnist-ddpm"
+TEACHER_STEPS = 6  # Heun: 11 network evaluations, about a second on a busy CPU
 MODEL_SIZE = (28, 28)
 API_KEY = "playground-test-key"
 SERVER_START_S = 300
@@ -108,7 +111,7 @@ def server(tmp_path_factory):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "cm_diffusers.cli", "serve", "--model", MODEL, "--host", "127.0.0.1",
-               "--port", str(port), "--api_key_file", str(key_file), "--ui"]
+               "--port", str(port), "--api_key_file", str(key_file), "--ui", "--teacher", TEACHER]
     process = _start(command, folder / "server.log", url + "/readyz", SERVER_START_S)
     try:
         yield url
@@ -290,16 +293,25 @@ def test_compare_tab(server, browser, screenshots):
     _open(browser, server)
     browser.find_element(By.ID, "tab-compare").click()
     _set(browser, "compare-seed", 3)
+    # The server has a teacher (`--teacher`): the page offers its steps and puts it in the comparison.
+    assert browser.find_element(By.ID, "compare-teacher-steps-label").is_displayed()
+    _set(browser, "compare-teacher-steps", TEACHER_STEPS)
     browser.find_element(By.ID, "compare-run").click()
     # Compare runs its requests one after another; the button is enabled again when all are done.
-    _wait_until(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#compare-result figure")) >= 4
+    _wait_until(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#compare-result figure")) >= 5
                 and d.find_element(By.ID, "compare-run").is_enabled(), "the comparison", timeout=WAIT_S * 2)
     figures = browser.find_elements(By.CSS_SELECTOR, "#compare-result figure")
     captions = [figure.find_element(By.TAG_NAME, "figcaption").text for figure in figures]
     for steps, caption in zip((1, 2, 3, 4), captions):
         assert f"NFE {steps}" in caption and "ms" in caption, caption
-    for figure in figures:
-        assert _decode(figure.find_element(By.TAG_NAME, "img").get_attribute("src")).shape == MODEL_SIZE
+    images = [_decode(figure.find_element(By.TAG_NAME, "img").get_attribute("src")) for figure in figures]
+    assert all(image.shape == MODEL_SIZE for image in images)
+    teacher = [i for i, caption in enumerate(captions) if "teacher" in caption]
+    assert len(teacher) == 1 and teacher[0] == len(figures) - 1, captions
+    caption = captions[teacher[0]]
+    assert TEACHER in caption and f"{TEACHER_STEPS} Heun steps" in caption, caption
+    assert re.search(r"\d+(\.\d+)? ms", caption) and f"NFE {2 * TEACHER_STEPS - 1}" in caption, caption
+    assert images[teacher[0]].std() > 10, "a blank teacher image"
     screenshots(browser, "compare")
 
 

@@ -1,6 +1,7 @@
 """The serving API end to end: a real `cm-diffusers serve` (real Ray, real HTTP on loopback) started once for this
-module, in its own process group, on the shipped fashion-mnist-cd; plus the model deployment class on a tiny RGB
-class-conditional model, called directly (no Ray cluster) for what the shipped model cannot show."""
+module, in its own process group, on the shipped fashion-mnist-cd with fashion-mnist-ddpm as its teacher; plus the
+model deployment class on a tiny RGB class-conditional model, called directly (no Ray cluster) for what the shipped
+model cannot show."""
 
 import asyncio
 import base64
@@ -29,6 +30,7 @@ from cm_diffusers.serving import APIError, Client  # noqa: E402
 
 KEY, OTHER_KEY = "test-key-aaaaaaaaaaaaaaaa", "test-key-bbbbbbbbbbbbbbbb"
 MODEL = "fashion-mnist-cd"
+TEACHER = "fashion-mnist-ddpm"
 MAX_BATCH = 16
 RATE_LIMIT = 150  # per minute and key: the rate-limit test spends OTHER_KEY's allowance, KEY stays far below it
 
@@ -54,7 +56,7 @@ def server(tmp_path_factory):
         process = subprocess.Popen(
             [sys.executable, "-m", "cm_diffusers.cli", "serve", "--model", MODEL, "--port", str(port),
              "--api_key_file", str(key_file), "--max_batch_size", str(MAX_BATCH), "--batch_wait_ms", "20",
-             "--rate_limit", str(RATE_LIMIT), "--max_images", "48", "--device", "cpu"],
+             "--rate_limit", str(RATE_LIMIT), "--max_images", "48", "--device", "cpu", "--teacher", TEACHER],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
@@ -175,6 +177,39 @@ def test_request_larger_than_the_batch_limit_is_split_and_still_exact(server, pi
     assert response.status_code == 200, response.text
     got = np.stack([_decode(b) for b in response.json()["images"]])
     _assert_same_images(got, _expected(pipe, 40, 11, timesteps=[11, 0]))
+
+
+def test_teacher_generates_what_sample_teacher_gives_offline_from_the_same_noise(server, pipe):
+    """`serve --teacher`: the same seed starts the teacher from the consistency model's noise; 4 Heun steps cost 7
+    network evaluations; the images equal `sample_teacher`'s offline."""
+    from cm_diffusers import load_teacher
+    from cm_diffusers.sampling import sample_teacher
+
+    url, headers = server["url"] + "/v1/teacher/generate", {"Authorization": f"Bearer {KEY}"}
+    response = requests.post(url, json={"num_images": 2, "seed": 5, "num_inference_steps": 4}, headers=headers,
+                             timeout=120)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["seed"] == 5 and body["model"] == TEACHER and body["nfe"] == 7 and body["latency_ms"] > 0
+    got = np.stack([_decode(b64) for b64 in body["images"]])
+    assert got.shape == (2, 28, 28) and got.dtype == np.uint8
+    output = sample_teacher(load_teacher(TEACHER), pipe.prepare_latents(2, torch.Generator().manual_seed(5)), "heun",
+                            nfe=7)
+    assert output.nfe == 7
+    _assert_same_images(got, (pipe.postprocess(output.sample, "np")[..., 0] * 255).round().astype(np.uint8))
+
+    model = requests.get(server["url"] + "/v1/models", headers=headers).json()["models"][0]
+    assert model["teacher"] == TEACHER and model["teacher_endpoint"] == "/v1/teacher/generate"
+    assert model["limits"]["max_teacher_steps"] == 50
+
+    def post(payload):
+        return requests.post(url, json=payload, headers=headers, timeout=120)
+
+    _assert_error(post({"num_inference_steps": 51}), 422, "num_inference_steps")
+    _assert_error(post({"num_inference_steps": 0}), 422, "num_inference_steps")
+    _assert_error(post({"timesteps": [11, 0]}), 422, "timesteps")
+    _assert_error(post({"num_images": 10**6}), 422, "num_images")
+    _assert_error(requests.post(url, json={"seed": 0}), 401, None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -385,6 +420,37 @@ def test_deployment_batches_class_conditional_multistep_requests_exactly(rgb_mod
     assert deployment.info()["num_classes"] == 5
     error = asyncio.run(deployment.generate(_request(class_labels=[7])))
     assert error["error"]["field"] == "class_labels"
+
+
+def test_without_a_teacher_the_teacher_endpoint_answers_404_saying_how_to_start_one(rgb_model):
+    from cm_diffusers.serving.app import create_app
+    from cm_diffusers.serving.schemas import ServerSettings
+
+    deployment, _ = rgb_model
+    assert "teacher_endpoint" not in deployment.info()
+    app = create_app(deployment, ServerSettings())
+    status, body = asyncio.run(_asgi_post(app, "/v1/teacher/generate", {"seed": 0, "num_inference_steps": 4}))
+    assert status == 404 and body["error"]["type"] == "not_found", body
+    assert "--teacher" in body["error"]["message"]
+
+
+async def _asgi_post(app, path: str, payload: dict) -> tuple:
+    """POST JSON to an ASGI app in this process: (status, decoded JSON body)."""
+    data, sent = json.dumps(payload).encode(), []
+
+    async def receive():
+        return {"type": "http.request", "body": data, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "http_version": "1.1", "method": "POST", "path": path, "raw_path": path.encode(),
+             "root_path": "", "scheme": "http", "query_string": b"", "server": ("test", 80),
+             "client": ("127.0.0.1", 1),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]}
+    await app(scope, receive, send)
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
 
 
 def test_deployment_colorize_keeps_luma_and_matches_the_pipeline(rgb_model):

@@ -20,6 +20,9 @@ def register(subparsers):
     parser.add_argument("--api_key_file", default=None,
                         help="Without --api_url: API keys of the API started here (one per line); the page asks "
                              "for one. With --api_url the page sends the key you type to that API.")
+    parser.add_argument("--teacher", default=None,
+                        help="Without --api_url: also serve this diffusion teacher (e.g. fashion-mnist-ddpm), so that "
+                             "the Compare tab shows it next to the consistency model.")
     parser.add_argument("--device", default=None, help="Without --api_url: cpu or cuda (default: cuda if available).")
     parser.set_defaults(func=run)
 
@@ -52,6 +55,8 @@ def _serve_with_ui(args) -> int:
     argv = ["serve", "--model", args.model, "--host", args.host, "--port", str(args.port), "--ui"]
     if args.api_key_file:
         argv += ["--api_key_file", args.api_key_file]
+    if args.teacher:
+        argv += ["--teacher", args.teacher]
     if args.device:
         argv += ["--device", args.device]
     serve_args = build_parser().parse_args(argv)

@@ -17,6 +17,10 @@ def register(subparsers):
                     "stops at once.")
     parser.add_argument("--model", default="fashion-mnist-cd",
                         help="Pipeline folder, Hub repo id, or shipped short name (default: fashion-mnist-cd).")
+    parser.add_argument("--teacher", default=None,
+                        help="Also serve a diffusion teacher (folder, Hub repo id or shipped short name, e.g. "
+                             "fashion-mnist-edm or fashion-mnist-ddpm) at /v1/teacher/generate, for comparisons (the "
+                             "playground's Compare tab); it must have the model's shape and classes.")
     parser.add_argument("--host", default="127.0.0.1",
                         help="Address to listen on; without an API key the server always binds to 127.0.0.1.")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port.")
@@ -36,6 +40,8 @@ def register(subparsers):
                         help="Weights and compute dtype.")
     parser.add_argument("--max_images", type=int, default=64, help="Images per request.")
     parser.add_argument("--max_steps", type=int, default=40, help="Network evaluations per request.")
+    parser.add_argument("--max_teacher_steps", type=int, default=50,
+                        help="Heun steps per /v1/teacher/generate request (2n - 1 network evaluations).")
     parser.add_argument("--rate_limit", type=float, default=600,
                         help="Requests per minute per API key (0 = unlimited).")
     parser.add_argument("--request_timeout_s", type=float, default=60,
@@ -58,10 +64,12 @@ def build_settings(args, keys):
     from ..serving.schemas import Limits, ServerSettings, hash_key
 
     return ServerSettings(
-        model=os.path.expanduser(args.model), model_name=args.model, device=args.device, dtype=args.dtype,
+        model=os.path.expanduser(args.model), model_name=args.model,
+        teacher=os.path.expanduser(args.teacher) if args.teacher else None, device=args.device, dtype=args.dtype,
         max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
         num_threads=max(1, int(args.num_cpus_per_replica)), api_key_hashes=[hash_key(key) for key in keys],
-        limits=Limits(max_images=args.max_images, max_steps=args.max_steps, rate_limit_per_minute=args.rate_limit,
+        limits=Limits(max_images=args.max_images, max_steps=args.max_steps,
+                      max_teacher_steps=args.max_teacher_steps, rate_limit_per_minute=args.rate_limit,
                       request_timeout_s=args.request_timeout_s),
         ui=args.ui,
     )
@@ -70,7 +78,7 @@ def build_settings(args, keys):
 def _check_args(args):
     from ..shipped_models import resolve_pretrained
 
-    for name in ("port", "num_replicas", "max_batch_size", "max_images", "max_steps"):
+    for name in ("port", "num_replicas", "max_batch_size", "max_images", "max_steps", "max_teacher_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
     if args.num_cpus_per_replica <= 0 or args.batch_wait_ms < 0 or args.request_timeout_s <= 0 or args.rate_limit < 0:
@@ -81,6 +89,13 @@ def _check_args(args):
     if looks_like_path and not os.path.isfile(os.path.join(model, "model_index.json")):
         raise FileNotFoundError(f"--model {args.model!r}: no pipeline folder there (model_index.json). Pass a "
                                 "pipeline folder, a Hub repo id (org/name) or a shipped model (fashion-mnist-cd).")
+    if args.teacher:
+        teacher = resolve_pretrained(os.path.expanduser(args.teacher))
+        looks_like_path = str(teacher).startswith(("/", ".", "~")) or str(teacher).count("/") > 1
+        if looks_like_path and not os.path.isfile(os.path.join(teacher, "unet", "config.json")):
+            raise FileNotFoundError(f"--teacher {args.teacher!r}: no diffusion model folder there "
+                                    "(unet/config.json). Pass a diffusers folder, a Hub repo id or a shipped "
+                                    "teacher (fashion-mnist-ddpm).")
 
 
 def run(args) -> int:
@@ -119,8 +134,10 @@ def run(args) -> int:
         app = build_application(settings, num_replicas=args.num_replicas, ray_actor_options=actor_options)
         serve.run(app, name=APP_NAME, route_prefix="/")
         url = f"http://{args.host}:{args.port}"
-        print(f"cm-diffusers serve: ready at {url} (model {args.model}, {args.num_replicas} replica(s), max batch "
-              f"{args.max_batch_size}; API docs at {url}/docs{', playground at ' + url + '/ui' if args.ui else ''})",
+        teacher = f", teacher {args.teacher}" if args.teacher else ""
+        print(f"cm-diffusers serve: ready at {url} (model {args.model}{teacher}, {args.num_replicas} replica(s), "
+              f"max batch {args.max_batch_size}; API docs at {url}/docs"
+              f"{', playground at ' + url + '/ui' if args.ui else ''})",
               flush=True)
         if not local:
             print(f"cm-diffusers serve: deployed onto the Ray cluster at {args.address} as application {APP_NAME!r}; "

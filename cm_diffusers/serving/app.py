@@ -1,9 +1,10 @@
 """The HTTP API: routes, API keys, limits, errors, metrics and the access log, over a model backend.
 
 `create_app(backend, settings)` builds the FastAPI app. The backend is the model deployment seen through a Ray Serve
-handle (see `deployment.py`): awaitable `generate(request)`, `edit(task, image, mask, options)`, `info()` and
-`ready()`, raising `BackendUnavailable` when no replica can answer. Errors are JSON `{"error": {"type", "message",
-"field"}, "request_id"}`; no stack trace or path ever reaches a client; every response carries `X-Request-ID`.
+handle (see `deployment.py`): awaitable `generate(request)`, `teacher_generate(request)`, `edit(task, image, mask,
+options)`, `info()` and `ready()`, raising `BackendUnavailable` when no replica can answer. Errors are JSON
+`{"error": {"type", "message", "field"}, "request_id"}`; no stack trace or path ever reaches a client; every response
+carries `X-Request-ID`.
 """
 
 import asyncio
@@ -38,6 +39,7 @@ from .schemas import (
 )
 
 OPEN_ROUTES = ("/healthz", "/readyz", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc", "/ui")
+GENERATE_ROUTES = ("/v1/generate", "/v1/teacher/generate")
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 
 
@@ -156,7 +158,7 @@ def create_app(backend, settings: ServerSettings, echo_request_id: bool = True) 
     access_log = _access_logger()
     app.state.metrics = metrics
     # Inner to `guard` (added after it is outer): keys and rate limits are checked before a body is read.
-    app.add_middleware(BodyLimit, limit_for=lambda path: limits.max_body_bytes if path == "/v1/generate" else
+    app.add_middleware(BodyLimit, limit_for=lambda path: limits.max_body_bytes if path in GENERATE_ROUTES else
                        2 * limits.max_upload_bytes + 64 * 1024 if path.startswith("/v1/edit/") else None)
 
     @app.middleware("http")
@@ -284,6 +286,17 @@ def create_app(backend, settings: ServerSettings, echo_request_id: bool = True) 
                 metrics.batch_requests.observe(batch["requests"])
         return images_response(request, result, "/v1/generate")
 
+    @app.post("/v1/teacher/generate", response_model=ImagesResponse,
+              responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
+                         422: {"model": ErrorResponse}, 429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+    async def teacher_generate(body: GenerateRequest, request: Request):
+        """The diffusion teacher (`serve --teacher`) from the same seeded noise as `/v1/generate`, with
+        `num_inference_steps` Heun steps on a Karras grid (2n - 1 network evaluations); one request at a time,
+        not batched. 404 when the server runs without a teacher."""
+        _check_teacher_limits(body, limits)
+        result = await call_backend("teacher_generate", body.model_dump())
+        return images_response(request, result, "/v1/teacher/generate")
+
     @app.post("/v1/edit/{task}", response_model=ImagesResponse,
               responses={401: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
                          429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
@@ -381,6 +394,19 @@ def _check_generate_limits(body: GenerateRequest, limits):
         raise ApiError(422, "validation_error", f"num_images: at most {limits.max_images} images per request, got "
                                                 f"{body.num_images}.", "num_images")
     _check_steps(body.num_inference_steps, body.timesteps, body.sigmas, limits)
+    if isinstance(body.class_labels, list) and len(body.class_labels) not in (1, body.num_images):
+        raise ApiError(422, "validation_error", f"class_labels: give one label or {body.num_images}, got "
+                                                f"{len(body.class_labels)}.", "class_labels")
+
+
+def _check_teacher_limits(body: GenerateRequest, limits):
+    if body.num_images > limits.max_images:
+        raise ApiError(422, "validation_error", f"num_images: at most {limits.max_images} images per request, got "
+                                                f"{body.num_images}.", "num_images")
+    steps = body.num_inference_steps
+    if steps is not None and steps > limits.max_teacher_steps:
+        raise ApiError(422, "validation_error", f"num_inference_steps: at most {limits.max_teacher_steps} teacher "
+                                                f"steps, got {steps}.", "num_inference_steps")
     if isinstance(body.class_labels, list) and len(body.class_labels) not in (1, body.num_images):
         raise ApiError(422, "validation_error", f"class_labels: give one label or {body.num_images}, got "
                                                 f"{len(body.class_labels)}.", "class_labels")

@@ -35,6 +35,9 @@ class HandleBackend:
     async def generate(self, request: dict) -> dict:
         return await self._call("generate", request)
 
+    async def teacher_generate(self, request: dict) -> dict:
+        return await self._call("teacher_generate", request)
+
     async def edit(self, task, image, mask, options) -> dict:
         return await self._call("edit", task, image, mask, options)
 
@@ -86,10 +89,10 @@ def build_application(settings: ServerSettings, num_replicas: int = 1, ray_actor
 def app_builder(args: dict):
     """Entry point of a Serve config file: `import_path: cm_diffusers.serving.deployment:app_builder`.
 
-    `args` takes the `ServerSettings` fields (model, device, dtype, max_batch_size, batch_wait_ms, num_threads, ui,
-    limits) and `api_key_file`; keys also come from CM_DIFFUSERS_API_KEYS (set it in the runtime_env), and are
-    required unless `allow_no_api_key: true`. Replicas, CPUs/GPUs and autoscaling are set per deployment in the
-    config file's `deployments:` section.
+    `args` takes the `ServerSettings` fields (model, teacher, device, dtype, max_batch_size, batch_wait_ms,
+    num_threads, ui, limits) and `api_key_file`; keys also come from CM_DIFFUSERS_API_KEYS (set it in the
+    runtime_env), and are required unless `allow_no_api_key: true`. Replicas, CPUs/GPUs and autoscaling are set per
+    deployment in the config file's `deployments:` section.
     """
     args = dict(args or {})
     keys = load_api_keys(args.pop("api_key_file", None))

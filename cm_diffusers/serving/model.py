@@ -6,7 +6,9 @@ Requests that share a noise schedule share a forward pass (`@serve.batch`, bound
 the same images alone, batched with others, or split across several forward passes. The sampling itself is the
 pipeline's (`sampling_sigmas`, `prepare_latents`, `prepare_class_labels`, `sample`, `postprocess`); this module only
 groups, concatenates and splits. All model calls run on one thread per replica, so nothing the pipeline holds is
-ever used by two requests at once; the event loop stays free to queue the next batch meanwhile.
+ever used by two requests at once; the event loop stays free to queue the next batch meanwhile. With a teacher
+(`serve --teacher`), `teacher_generate` samples it unbatched on the same thread with `sample_teacher` (Heun on a
+Karras grid), from the noise a `generate` request of the same seed starts from.
 """
 
 import asyncio
@@ -23,6 +25,8 @@ from ray import serve
 
 from .schemas import EDIT_TASKS, ServerSettings
 
+TEACHER_ENDPOINT = "/v1/teacher/generate"
+TEACHER_SAMPLER = "heun"  # on a Karras grid between the teacher's sigma_min and sigma_max, as `sample_teacher` does
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The editing method of each task, and the form fields it takes besides the image(s).
 EDIT_METHODS = {
@@ -108,11 +112,36 @@ class ConsistencyModel:
         self._model_free.set()
         self._unet_calls = 0  # network evaluations, counted on the model thread (an edit's NFE)
         self.pipe.unet.register_forward_pre_hook(self._count_unet_call)
+        self.teacher = self._load_teacher(self.settings.teacher) if self.settings.teacher else None
+        if self.teacher is not None:
+            self._info.update(teacher=self.settings.teacher, teacher_endpoint=TEACHER_ENDPOINT)
         # Warm-up: the first forward pass pays one-off costs (kernel selection, allocations) that a user should not.
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
-            self.pipe.sample(self.pipe.prepare_latents(1, generator), self.pipe.sampling_sigmas(1),
-                             self.pipe.prepare_class_labels(1, None, generator))
+            latents = self.pipe.prepare_latents(1, generator)
+            labels = self.pipe.prepare_class_labels(1, None, generator)
+            self.pipe.sample(latents, self.pipe.sampling_sigmas(1), labels)
+            if self.teacher is not None:
+                self._sample_teacher(latents, 1, labels)
+
+    def _load_teacher(self, name_or_path: str):
+        """The diffusion teacher as a denoiser; it must sample the consistency model's shape and classes, so that one
+        seed starts both from the same noise."""
+        from ..shipped_models import resolve_pretrained
+        from ..teachers import load_teacher
+
+        teacher = load_teacher(resolve_pretrained(name_or_path), torch_dtype=DTYPES[self.settings.dtype],
+                               device=self.settings.device)
+        config = teacher.unet.config
+        size = config.sample_size
+        shape = (config.in_channels, *((size, size) if isinstance(size, int) else tuple(size)))
+        if shape != self.pipe.sample_shape(1)[1:]:
+            raise ValueError(f"--teacher {name_or_path}: it samples {shape} (channels, height, width), the model "
+                             f"{tuple(self.pipe.sample_shape(1)[1:])}; serve a teacher of the model's shape.")
+        if config.num_class_embeds != self.pipe.unet.config.num_class_embeds:
+            raise ValueError(f"--teacher {name_or_path}: it has {config.num_class_embeds} classes, the model "
+                             f"{self.pipe.unet.config.num_class_embeds}; serve a teacher with the model's classes.")
+        return teacher
 
     # -- metadata --------------------------------------------------------------------------------------------------
 
@@ -226,6 +255,44 @@ class ConsistencyModel:
 
     def _encode(self, sample: torch.Tensor, output_format: str) -> list:
         return [_encode_image(image, output_format) for image in self.pipe.postprocess(sample, "pil")]
+
+    # -- the teacher -----------------------------------------------------------------------------------------------
+
+    async def teacher_generate(self, request: dict) -> dict:
+        """One `/v1/teacher/generate` request (a `GenerateRequest` as a dict, `num_inference_steps` = Heun steps),
+        unbatched: the noise and labels are drawn as `generate` draws them, so one seed starts both models alike."""
+        started = time.perf_counter()
+        if self.teacher is None:
+            return request_error(None, "This server has no teacher: start it with `cm-diffusers serve --teacher "
+                                       "NAME_OR_PATH` (e.g. --teacher fashion-mnist-ddpm).", "not_found", 404)
+        for field in ("timesteps", "sigmas"):
+            if request.get(field) is not None:
+                return request_error(field, f"The teacher takes `num_inference_steps` (Heun steps on a Karras "
+                                            f"grid), not `{field}`.")
+        num_steps = request.get("num_inference_steps")
+        if num_steps is None:
+            return request_error("num_inference_steps", "The teacher needs `num_inference_steps` (Heun steps).")
+        seed = request["seed"] if request.get("seed") is not None else secrets.randbelow(2**32)
+        num_images = request["num_images"]
+        generator = torch.Generator().manual_seed(seed)
+        latents = self.pipe.prepare_latents(num_images, generator)
+        try:
+            labels = self.pipe.prepare_class_labels(num_images, request.get("class_labels"), generator)
+        except ValueError as error:
+            return request_error("class_labels", str(error))
+        await self._model_free.wait()
+        output = await asyncio.get_running_loop().run_in_executor(
+            self.executor, self._sample_teacher, latents, num_steps, labels)
+        images = await asyncio.to_thread(self._encode, output.sample, request.get("output_format", "png"))
+        return {"images": images, "seed": seed, "model": self.settings.teacher, "nfe": output.nfe,
+                "latency_ms": (time.perf_counter() - started) * 1000}
+
+    def _sample_teacher(self, latents: torch.Tensor, num_steps: int, class_labels):
+        """Runs on the model thread: the teacher's own sampler (`sample_teacher`), `num_steps` Heun steps."""
+        from ..sampling import nfe_for_steps, sample_teacher
+
+        return sample_teacher(self.teacher, latents, TEACHER_SAMPLER, nfe=nfe_for_steps(TEACHER_SAMPLER, num_steps),
+                              class_labels=class_labels)
 
     # -- editing ---------------------------------------------------------------------------------------------------
 

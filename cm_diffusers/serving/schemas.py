@@ -23,6 +23,7 @@ class Limits(BaseModel):
 
     max_images: int = Field(64, ge=1, description="Images per request (larger requests are split into batches).")
     max_steps: int = Field(40, ge=1, description="Network evaluations (noise levels) per request.")
+    max_teacher_steps: int = Field(50, ge=1, description="Heun steps per `/v1/teacher/generate` request.")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Size of a JSON request body.")
     max_upload_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Size of an uploaded image or mask file.")
     max_upload_pixels: int = Field(1024 * 1024, ge=1, description="Width x height of an uploaded image or mask.")
@@ -37,6 +38,8 @@ class ServerSettings(BaseModel):
 
     model: str = "fashion-mnist-cd"
     model_name: str | None = Field(None, description="Name reported by the API (default: `model`).")
+    teacher: str | None = Field(None, description="Diffusion teacher served at /v1/teacher/generate (folder, Hub "
+                                                  "repo id or shipped short name); none by default.")
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     max_batch_size: int = Field(32, ge=1, description="Images per forward pass.")
@@ -153,6 +156,9 @@ class ModelInfo(BaseModel):
     edit_tasks: list[str]
     max_batch_size: int
     limits: Limits
+    teacher: str | None = Field(None, description="The teacher's name, when the server was started with --teacher.")
+    teacher_endpoint: str | None = Field(None, description="Where the teacher generates (same request and answer "
+                                                           "as /v1/generate; `num_inference_steps` = Heun steps).")
 
 
 class ModelsResponse(BaseModel):
