@@ -116,7 +116,7 @@ def main():
         "rows": [],
     }
     for spec in args.teacher:
-        label, _, path = spec.partition("=")
+        label, _, path = spec.rpartition("=")  # labels may contain "=", folder names rarely do
         teacher = load_teacher(path)
         clip = teacher_clips_denoised(teacher)
         # the student's noise range is the teacher's, within [0.002, 80] (as train_consistency.py sets it)
