@@ -104,6 +104,10 @@ def main():
         for step in sorted(checkpoints):
             if str(step) in run["points"] or (wanted is not None and step not in wanted):
                 continue
+            shared = [r["points"]["0"] for r in report["runs"].values() if "0" in r["points"]]
+            if step == 0 and shared:  # every run starts from the same teacher weights: measured once
+                run["points"]["0"] = shared[0]
+                continue
             folder = os.path.join(run_dir, "fid_vs_step", f"step-{step}")
             if not os.path.isfile(os.path.join(folder, "model_index.json")):
                 teacher = resolve_pretrained(args.init_from) if args.init_from else None
