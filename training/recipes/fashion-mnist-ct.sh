@@ -1,5 +1,6 @@
 #!/bin/bash
-# The student trained without distillation, shipped as fashion-mnist-ct: easy consistency tuning (ECT) started from
+# The student trained without distillation, to replace fashion-mnist-ct once it measures better (unfinished; the
+# shipped one comes from fashion-mnist-ct-from-ddpm.sh): easy consistency tuning (ECT) started from
 # the weights of fashion-mnist-edm (no teacher output is used; with the consistency time input those weights already
 # are a denoiser under the consistency scalings, so there is no warm-up). Continuous lognormal sigma, r(sigma)
 # shrinking over 4 stages, pseudo-Huber, 1/(sigma - r) weights, batch 32, 1,200 steps. Every checkpoint is kept for
