@@ -105,3 +105,15 @@ def test_shipped_edm_teacher_starts_its_students_and_guards_plain_diffusers():
     assert ((f - D).norm() / D.norm()).item() < 0.01
     with pytest.raises(ValueError, match="trust_remote_code"):
         DiffusionPipeline.from_pretrained(path)
+
+
+def test_shipped_edm_teacher_carries_the_current_pipeline_file():
+    """The folder ships copies of edm_teacher_pipeline.py for trust_remote_code: they must equal the source."""
+    from pathlib import Path
+
+    from cm_diffusers.shipped_models import PRETRAINED_DIR
+
+    source = (Path(__file__).resolve().parents[1] / "cm_diffusers" / "edm_teacher_pipeline.py").read_text()
+    folder = Path(PRETRAINED_DIR) / "fashion-mnist-edm"
+    for copy in (folder / "pipeline_edm_teacher.py", folder / "scheduler" / "pipeline_edm_teacher.py"):
+        assert copy.read_text() == source, f"{copy} differs from cm_diffusers/edm_teacher_pipeline.py"
