@@ -25,8 +25,8 @@ def make_accelerator(mixed_precision="no", gradient_accumulation_steps=1, log_wi
 
     Without CUDA, a multi-process launch (torchrun, `accelerate launch --multi_gpu`) builds a non-distributed
     Accelerator in every process unless it is told to use the CPU: here the processes then form a real gloo
-    (MULTI_CPU) group. The data loaders use seedable samplers (seed + epoch), so a resumed run sees the batches in
-    the same order as an uninterrupted one.
+    (MULTI_CPU) group. (Data order is not Accelerate's business here: `loop.StepBatches` derives each rank's batches
+    from the global step, so a resumed run sees them in the same order as an uninterrupted one.)
 
     Args:
         mixed_precision (`str`, defaults to `"no"`): `"no"`, `"fp16"` (needs a GPU) or `"bf16"`.
@@ -35,7 +35,7 @@ def make_accelerator(mixed_precision="no", gradient_accumulation_steps=1, log_wi
         project_dir (`str`, *optional*): where trackers write (e.g. `output_dir/logs`).
     """
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+    from accelerate.utils import ProjectConfiguration
 
     if mixed_precision not in ("no", "fp16", "bf16"):
         raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {mixed_precision!r}.")
@@ -54,7 +54,6 @@ def make_accelerator(mixed_precision="no", gradient_accumulation_steps=1, log_wi
         gradient_accumulation_steps=gradient_accumulation_steps,
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=project_dir, logging_dir=project_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     if _is_multi_process_launch() and accelerator.num_processes == 1:
         raise RuntimeError(
