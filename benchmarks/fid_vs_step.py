@@ -9,6 +9,11 @@ again while a training continues. Writes one JSON and one PNG for all runs.
 
     python benchmarks/fid_vs_step.py --run cd=runs/fashion-mnist-cd --run ect=runs/fashion-mnist-ct \
         --init_from runs/fashion-mnist-edm --num_samples 500 --output benchmarks/results/quality_fid_vs_step.json
+
+Runs measured by parallel processes each write their own --output (two writers of one file lose points); `--merge`
+joins them afterwards:
+
+    python benchmarks/fid_vs_step.py --merge eval/fvs_cd.json eval/fvs_ect.json --output all.json
 """
 
 import argparse
@@ -72,16 +77,37 @@ def evaluate(folder: str, args, extra_sigmas: str) -> list:
         return json.load(f)["results"]
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", action="append", required=True, help="label=output_dir of a training run; repeat.")
+    parser.add_argument("--run", action="append", default=[], help="label=output_dir of a training run; repeat.")
     parser.add_argument("--init_from", type=str, default=None, help="Teacher folder: its weights are step 0.")
     parser.add_argument("--two_step_sigmas", type=str, default="80,0.821", help="2-step schedule ('' to skip).")
     parser.add_argument("--num_samples", type=int, default=500)
     parser.add_argument("--cache_dir", type=str, default=".fid_cache", help="Cached reference statistics.")
     parser.add_argument("--steps", type=str, default=None, help="Only these checkpoint steps (comma-separated).")
     parser.add_argument("--output", type=str, default="benchmarks/results/quality_fid_vs_step.json")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--images_per_step",
+        action="append",
+        default=[],
+        metavar="LABEL=N",
+        help="Images per optimizer step of a run (batch x processes x accumulation); when every run "
+        "has one, the plot's x-axis is images seen, which compares runs of different batches.",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="Instead of measuring: join the runs of these outputs (of runs measured in parallel, "
+        "each to its own --output) into --output and plot them together.",
+    )
+    args = parser.parse_args(argv)
+    images_per_step = {label: int(n) for label, _, n in (s.partition("=") for s in args.images_per_step)}
+    if args.merge:
+        return merge(args.merge, args.output, images_per_step)
+    if not args.run:
+        parser.error("give at least one --run (or --merge).")
     wanted = None if args.steps is None else {int(s) for s in args.steps.split(",")}
 
     report = {"protocol": {}, "runs": {}}
@@ -97,6 +123,8 @@ def main():
     for spec in args.run:
         label, _, run_dir = spec.partition("=")
         run = report["runs"].setdefault(label, {"output_dir": run_dir, "points": {}})
+        if label in images_per_step:
+            run["images_per_step"] = images_per_step[label]
         checkpoints = {int(m.group(1)): path for path in glob.glob(os.path.join(run_dir, "checkpoint-*"))
                        if (m := re.fullmatch(r"checkpoint-(\d+)", os.path.basename(path)))}  # fmt: skip
         if args.init_from:
@@ -127,20 +155,50 @@ def main():
     plot(report, os.path.splitext(args.output)[0] + ".png")
 
 
+def merge(paths: list, output: str, images_per_step: dict):
+    """One report from several: the runs of all, under the protocol of the first (they must share it)."""
+    reports = []
+    for path in paths:
+        with open(path) as f:
+            reports.append(json.load(f))
+    merged = {"protocol": reports[0]["protocol"], "runs": {}}
+    for path, report in zip(paths, reports):
+        if report["protocol"]["metric"] != merged["protocol"]["metric"]:
+            raise SystemExit(f"{path} was measured differently ({report['protocol']['metric']}); not merged.")
+        for label, run in report["runs"].items():
+            if label in merged["runs"]:
+                raise SystemExit(f"Run {label!r} appears in more than one of {paths}; label the runs uniquely.")
+            merged["runs"][label] = run
+            if label in images_per_step:
+                run["images_per_step"] = images_per_step[label]
+    with open(output, "w") as f:
+        json.dump(merged, f, indent=2)
+    plot(merged, os.path.splitext(output)[0] + ".png")
+    print(f"Wrote {output} and its plot ({', '.join(merged['runs'])})")
+
+
 def plot(report: dict, path: str):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    by_images = all("images_per_step" in run for run in report["runs"].values())
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, run in report["runs"].items():
         steps = sorted(run["points"], key=int)
+        scale = run["images_per_step"] / 1000 if by_images else 1
         for key, style in (("1step", "-o"), ("2step", "--s")):
             xs = [int(s) for s in steps if key in run["points"][s]]
             if xs:
-                ax.plot(xs, [run["points"][str(s)][key] for s in xs], style, label=f"{label}, {key[0]} step(s)")
-    ax.set_xlabel("training step")
+                name = f"{label} (batch {run['images_per_step']})" if by_images else label
+                ax.plot(
+                    [x * scale for x in xs],
+                    [run["points"][str(s)][key] for s in xs],
+                    style,
+                    label=f"{name}, {key[0]} step(s)",
+                )
+    ax.set_xlabel("training images seen (thousands)" if by_images else "training step")
     ax.set_ylabel("FID (" + report["protocol"]["metric"].split(",")[1].strip() + ")")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)

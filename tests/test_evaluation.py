@@ -393,3 +393,39 @@ def test_quality_benchmark_merges_runs_of_one_protocol_and_states_the_target_rat
         json.dump(student, f)
     with pytest.raises(SystemExit, match="num_samples"):
         quality.merge_reports(paths)
+
+
+def test_fid_vs_step_merges_runs_measured_apart_and_plots_them_by_images_seen(tmp_path):
+    """benchmarks/fid_vs_step.py --merge: runs measured by parallel processes join one report and one plot; a run
+    label given twice or another protocol is refused instead of silently overwritten or mixed."""
+    import json
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from benchmarks import fid_vs_step
+
+    protocol = {"metric": "cm-diffusers evaluate, 500 samples, seed 0, vs 10,000 images", "weights": "ema"}
+    reports = {"a.json": {"cd": {"0": 222.0, "200": 150.0}}, "b.json": {"ect": {"0": 222.0, "400": 160.0}}}
+    paths = []
+    for name, runs in reports.items():
+        paths.append(str(tmp_path / name))
+        runs = {label: {"output_dir": f"runs/{label}", "points": {s: {"1step": v} for s, v in points.items()}}
+                for label, points in runs.items()}  # fmt: skip
+        (tmp_path / name).write_text(json.dumps({"protocol": protocol, "runs": runs}))
+
+    out = tmp_path / "all.json"
+    fid_vs_step.main(["--merge", *paths, "--output", str(out), "--images_per_step", "cd=64",
+                      "--images_per_step", "ect=32"])  # fmt: skip
+    merged = json.loads(out.read_text())
+    assert list(merged["runs"]) == ["cd", "ect"]
+    assert merged["runs"]["cd"]["points"]["200"] == {"1step": 150.0}
+    assert (merged["runs"]["cd"]["images_per_step"], merged["runs"]["ect"]["images_per_step"]) == (64, 32)
+    assert Image.open(tmp_path / "all.png").size[0] > 0
+
+    with pytest.raises(SystemExit, match="more than one"):
+        fid_vs_step.main(["--merge", paths[0], paths[0], "--output", str(tmp_path / "twice.json")])
+    other = json.loads((tmp_path / "b.json").read_text())
+    other["protocol"]["metric"] = "cm-diffusers evaluate, 2000 samples, seed 0, vs 10,000 images"
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="measured differently"):
+        fid_vs_step.main(["--merge", *paths, "--output", str(tmp_path / "mixed.json")])
