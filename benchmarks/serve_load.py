@@ -25,8 +25,6 @@ import platform
 import random
 import re
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from cm_diffusers import ConsistencyPipeline  # noqa: E402
+from cm_diffusers.serving.local import LocalServer, ServerStartError  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 KEY = "benchmark-key-" + "x" * 24
@@ -60,37 +59,15 @@ def parse_args():
 # The server
 
 
-def start_server(args, log_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def local_server(args, log_path) -> LocalServer:
     key_file = os.path.join(os.path.dirname(log_path), "keys.txt")
     with open(key_file, "w") as f:
         f.write(KEY + "\n")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OMP_WAIT_POLICY="PASSIVE", CM_DIFFUSERS_API_KEYS="")
-    command = [sys.executable, "-m", "cm_diffusers.cli", "serve", "--model", args.model, "--port", str(port),
-               "--api_key_file", key_file, "--max_batch_size", str(args.max_batch_size), "--batch_wait_ms",
-               str(args.batch_wait_ms), "--num_cpus_per_replica", str(args.threads), "--rate_limit", "0",
-               "--device", "cpu"]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    return process, f"http://127.0.0.1:{port}"
-
-
-def stop_server(process):
-    """SIGTERM to the serve process (it drains and stops its Ray instance), then SIGKILL to what is left of its
-    process group (Ray's processes share it, so the group must not get the SIGTERM before the drain)."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(90)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait(10)
+    command = ["serve", "--model", args.model, "--api_key_file", key_file, "--device", "cpu", "--rate_limit", "0",
+               "--max_batch_size", str(args.max_batch_size), "--batch_wait_ms", str(args.batch_wait_ms),
+               "--num_cpus_per_replica", str(args.threads)]  # fmt: skip
+    return LocalServer(command, log_path=log_path, env=env, timeout_s=600)
 
 
 def replica_pids(server_pid: int) -> list:
@@ -324,19 +301,13 @@ def main():
     pipe(batch_size=args.max_batch_size)  # warm-up
 
     started = time.perf_counter()
-    process, url = start_server(args, log_path)
+    server = local_server(args, log_path)
     try:
-        import requests
-
-        while True:
-            if process.poll() is not None:
-                raise SystemExit(f"the server exited:\n{open(log_path).read()[-3000:]}")
-            try:
-                if requests.get(url + "/readyz", timeout=10).status_code == 200:
-                    break
-            except (requests.ConnectionError, requests.Timeout):
-                pass
-            time.sleep(1)
+        try:
+            server.start()
+        except ServerStartError as error:
+            raise SystemExit(str(error)) from None
+        process, url = server.process, server.url
         result["server_startup_s"] = round(time.perf_counter() - started, 1)
         print(f"server ready in {result['server_startup_s']} s at {url}", flush=True)
 
@@ -378,7 +349,7 @@ def main():
         result["fault"] = fault_summary(records, elapsed, kill, fault_started)
         print("fault", {k: v for k, v in result["fault"].items() if k != "timeline"}, flush=True)
     finally:
-        stop_server(process)
+        server.stop()
 
     unloaded_p50 = result["unloaded"]["p50_ms"]
     half = next(level for level in result["load_levels"] if level["fraction"] == 0.5)

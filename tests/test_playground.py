@@ -8,11 +8,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -41,13 +36,9 @@ from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
+from cm_diffusers.serving.local import LocalServer  # noqa: E402
+
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _get(url: str, timeout: float = 5.0, key: str | None = None, json_body: dict | None = None):
@@ -65,72 +56,23 @@ def _get(url: str, timeout: float = 5.0, key: str | None = None, json_body: dict
         return error.code, error.read()
 
 
-def _start(command: list, log_path, ready_url: str, timeout_s: float) -> subprocess.Popen:
-    """Start a command in its own process group and wait until `ready_url` answers 200."""
-    log = open(log_path, "wb")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"`{' '.join(command[2:])}` exited with {process.returncode}:\n"
-                        + log_path.read_text(errors="replace")[-4000:])
-        try:
-            if _get(ready_url)[0] == 200:
-                return process
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            _stop(process)
-            pytest.fail(f"`{' '.join(command[2:])}` was not ready within {timeout_s} s:\n"
-                        + log_path.read_text(errors="replace")[-4000:])
-        time.sleep(2)
-
-
-def _stop(process: subprocess.Popen):
-    """End the server's process group (the command, and the local Ray instance it started), and nothing else."""
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGINT)  # the serve command shuts Ray Serve down gracefully on SIGINT
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        time.sleep(3)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("playground_server")
     key_file = folder / "keys.txt"
     key_file.write_text(API_KEY + "\n")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "cm_diffusers.cli", "serve", "--model", MODEL, "--host", "127.0.0.1",
-               "--port", str(port), "--api_key_file", str(key_file), "--ui", "--teacher", TEACHER]
-    process = _start(command, folder / "server.log", url + "/readyz", SERVER_START_S)
-    try:
-        yield url
-    finally:
-        _stop(process)
+    command = ["serve", "--model", MODEL, "--host", "127.0.0.1", "--api_key_file", str(key_file), "--ui",
+               "--teacher", TEACHER]  # fmt: skip
+    with LocalServer(command, log_path=folder / "server.log", timeout_s=SERVER_START_S) as local:
+        yield local.url
 
 
 @pytest.fixture(scope="module")
 def proxy(server, tmp_path_factory):
     """`cm-diffusers playground --api_url`: the page alone, in front of the server above."""
     folder = tmp_path_factory.mktemp("playground_proxy")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "cm_diffusers.cli", "playground", "--api_url", server, "--port", str(port)]
-    process = _start(command, folder / "proxy.log", url + "/ui/", 120)
-    try:
-        yield url
-    finally:
-        _stop(process)
+    with LocalServer(["playground", "--api_url", server], log_path=folder / "proxy.log", ready_path="/ui/") as local:
+        yield local.url
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +24,7 @@ requests = pytest.importorskip("requests")
 
 from cm_diffusers import ConsistencyPipeline  # noqa: E402
 from cm_diffusers.serving import APIError, Client  # noqa: E402
+from cm_diffusers.serving.local import LocalServer  # noqa: E402
 
 KEY, OTHER_KEY = "test-key-aaaaaaaaaaaaaaaa", "test-key-bbbbbbbbbbbbbbbb"
 MODEL = "fashion-mnist-cd"
@@ -35,56 +33,19 @@ MAX_BATCH = 16
 RATE_LIMIT = 150  # per minute and key: the rate-limit test spends OTHER_KEY's allowance, KEY stays far below it
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`cm-diffusers serve` in its own process group. At the end SIGTERM goes to the serve process only (it drains and
-    shuts its Ray instance down; Ray's own processes share the group and must outlive the drain), then SIGKILL to
-    the whole group if anything is left."""
+    """`cm-diffusers serve` in its own process group (LocalServer: SIGTERM to the serve process at the end, which
+    drains and shuts its Ray instance down, then SIGKILL to whatever of the group is left)."""
     folder = tmp_path_factory.mktemp("serve")
     key_file = folder / "keys.txt"
     key_file.write_text(f"# test keys\n{KEY}\n{OTHER_KEY}\n")
-    port = _free_port()
-    log_path = folder / "server.log"
     env = dict(os.environ, OMP_NUM_THREADS="1", CM_DIFFUSERS_API_KEYS="")
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "cm_diffusers.cli", "serve", "--model", MODEL, "--port", str(port),
-             "--api_key_file", str(key_file), "--max_batch_size", str(MAX_BATCH), "--batch_wait_ms", "20",
-             "--rate_limit", str(RATE_LIMIT), "--max_images", "48", "--device", "cpu", "--teacher", TEACHER],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if requests.get(url + "/readyz", timeout=10).status_code == 200:
-                    break
-            except (requests.ConnectionError, requests.Timeout):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server was not ready within 240 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
-        yield {"url": url, "process": process, "log": log_path}
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(90)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(process.pid, signal.SIGKILL)  # whatever of our group survived (nothing, normally)
-        except ProcessLookupError:
-            pass
-        process.wait(10)
+    command = ["serve", "--model", MODEL, "--api_key_file", str(key_file), "--max_batch_size", str(MAX_BATCH),
+               "--batch_wait_ms", "20", "--rate_limit", str(RATE_LIMIT), "--max_images", "48", "--device", "cpu",
+               "--teacher", TEACHER]  # fmt: skip
+    with LocalServer(command, log_path=folder / "server.log", env=env) as local:
+        yield {"url": local.url, "process": local.process, "log": folder / "server.log"}
 
 
 @pytest.fixture(scope="module")
