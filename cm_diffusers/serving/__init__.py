@@ -6,6 +6,7 @@
 - `deployment`: the Ray Serve application (ingress + model) and the builder for `serve deploy` config files.
 - `client`: `Client(url, api_key)`, which needs only `requests`.
 - `playground`: the /ui page (optional).
+- `local`: `LocalServer`, a server as a child process on loopback (tests, benchmarks, scripts).
 
 Importing this package needs neither Ray nor gradio; `from cm_diffusers.serving import Client` needs `requests`.
 """
