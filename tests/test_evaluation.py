@@ -429,3 +429,25 @@ def test_fid_vs_step_merges_runs_measured_apart_and_plots_them_by_images_seen(tm
     (tmp_path / "b.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="measured differently"):
         fid_vs_step.main(["--merge", *paths, "--output", str(tmp_path / "mixed.json")])
+
+
+def test_benchmark_matches_the_teacher_against_the_benchmarked_model_of_a_merged_report():
+    """A merged report (several consistency models, several 2-step schedules): the benchmarked model's own best row
+    sets the FID to match; a model the report does not hold is refused instead of matched against another's FID."""
+    from cm_diffusers.commands.benchmark import matching_teacher
+
+    def row(model, sampler, steps, fid, ms=1.0):
+        return {"model": model, "sampler": sampler, "steps": steps, "nfe": steps, "fid": fid, "ms_per_image": ms}
+
+    report = {"results": [
+        row("old", "consistency", 1, 116.0), row("new", "consistency", 1, 104.0),
+        row("new", "consistency", 2, 109.0), dict(row("new", "consistency", 2, 89.0), sigmas=[80.0, 0.821]),
+        row("teacher", "euler", 3, 137.0), row("teacher", "euler", 4, 97.0), row("teacher", "euler", 6, 66.0),
+        row("teacher", "euler", 10, 50.0)]}  # fmt: skip
+    one = matching_teacher(report, 1, "new")
+    assert (one["nfe"], one["cm_fid"], one["matched"]) == (4, 104.0, True)
+    two = matching_teacher(report, 2, "new")
+    assert (two["nfe"], two["cm_fid"]) == (6, 89.0)  # the better of the model's two 2-step schedules
+    assert matching_teacher(report, 1, "old")["nfe"] == 4
+    with pytest.raises(ValueError, match="several models"):
+        matching_teacher(report, 1, "another")

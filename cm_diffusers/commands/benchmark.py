@@ -5,6 +5,7 @@ million images at a given hourly price of this hardware."""
 import json
 import os
 import time
+from typing import Optional
 
 import torch
 
@@ -58,15 +59,24 @@ def cost_per_million(images_per_second: float, price_per_hour: float) -> float:
     return price_per_hour * 1e6 / images_per_second / 3600
 
 
-def matching_teacher(eval_report: dict, steps: int) -> dict:
+def matching_teacher(eval_report: dict, steps: int, model: Optional[str] = None) -> dict:
     """The cheapest teacher record (lowest NFE, then time) with FID <= the consistency model's at `steps` steps.
 
-    When no teacher configuration of the sweep is that good, the teacher's best-FID configuration is returned with
+    A report of several consistency models (`benchmarks/quality.py --merge`) is read for the rows of `model` (the
+    label `cm-diffusers evaluate` gave it); of several schedules with `steps` steps, the best FID counts. When no
+    teacher configuration of the sweep is that good, the teacher's best-FID configuration is returned with
     `matched=False`: the speedup against it is then a lower bound.
     """
     results = eval_report.get("results", [])
     cm = [r for r in results if r["sampler"] == "consistency" and r["steps"] == steps]
     teacher = [r for r in results if r["sampler"] != "consistency"]
+    models = sorted({r["model"] for r in cm})
+    if len(models) > 1:
+        if model not in models:
+            raise ValueError(f"The evaluate JSON has {steps}-step results of several models ({', '.join(models)}); "
+                             f"the one benchmarked ({model}) is not among them.")
+        cm = [r for r in cm if r["model"] == model]
+    cm = sorted(cm, key=lambda r: r["fid"])
     if not cm:
         raise ValueError(f"The evaluate JSON has no consistency-model result at {steps} step(s); rerun evaluate with "
                          f"--steps including {steps}.")
@@ -115,7 +125,7 @@ def run(args) -> int:
     for k in steps:
         cm_fid = None
         if eval_report is not None:
-            target = matching_teacher(eval_report, k)
+            target = matching_teacher(eval_report, k, model_name)
             sampler, nfe, matched, cm_fid = target["sampler"], target["nfe"], target["matched"], target["cm_fid"]
             teacher_fid = target["fid"]
         else:
