@@ -1,6 +1,7 @@
 #!/bin/bash
-# Consistency distillation of fashion-mnist-edm, shipped as fashion-mnist-cd (the EMA weights of checkpoint-600 of
-# this 1,200-step run: FID 115.88 at 1 step). The teacher was trained with the
+# Consistency distillation of fashion-mnist-edm, run 1 (history: the EMA weights of its checkpoint-600, FID 115.88 at
+# 1 step, were shipped as fashion-mnist-cd until run 2, fashion-mnist-cd-v2.sh, measured 104.11; this run's FID swung
+# between 135 and 166 at 500 samples after step 400, see the README's FID-against-training-step table). The teacher was trained with the
 # consistency models' time input (t = 250 ln sigma), so the student starts from its weights as the teacher's own
 # denoiser (up to the boundary-condition terms) and needs no warm-up. N = 12 (fewer, larger gaps than the paper's 18:
 # the boundary condition reaches sigma_max in fewer rounds, which matters in a short CPU run), Heun, pseudo-Huber,
