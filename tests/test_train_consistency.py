@@ -144,6 +144,7 @@ def test_cd_distills_ddpm_teacher(data_dir, ddpm_teacher, tmp_path):
     pipe = assert_pipeline_samples(out, {"timesteps": [5, 0]})
     config = pipe.scheduler.config
     assert config.num_train_timesteps == 10
+    assert "_name_or_path" not in json.loads((out / "unet" / "config.json").read_text())  # no local teacher path
     # the student's noise range lies inside the teacher's (a DDPM model knows nothing outside its timesteps)
     assert config.sigma_min == pytest.approx(max(0.002, teacher.sigma_min))
     assert config.sigma_max == pytest.approx(min(80.0, teacher.sigma_max))

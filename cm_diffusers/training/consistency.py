@@ -8,6 +8,7 @@ import os
 
 import torch
 from diffusers import UNet2DModel
+from diffusers.configuration_utils import FrozenDict
 
 from ..images import image_grid
 from ..losses import Curriculum, DenoiserLoss, build_loss, make_distance
@@ -218,6 +219,9 @@ def save_pipeline(args, unet, ema, scheduler, schedules, final_levels, global_st
     if ema is not None:
         ema.copy_to(unet.parameters())
     unet.eval()
+    # A student built from the teacher's folder records that folder as `_name_or_path`: a path of this machine,
+    # which the saved config (and a Hub upload) must not carry.
+    unet._internal_dict = FrozenDict({key: value for key, value in unet.config.items() if key != "_name_or_path"})
     pipeline = ConsistencyPipeline(unet=unet, scheduler=scheduler)
     weight_bytes = sum(parameter.numel() * parameter.element_size() for parameter in unet.parameters())
     save_pretrained_atomic(pipeline.save_pretrained, args.output_dir, needed_bytes=weight_bytes)  # all or nothing
