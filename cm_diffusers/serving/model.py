@@ -116,10 +116,8 @@ class ConsistencyModel:
         if self.teacher is not None:
             self._info.update(teacher=self.settings.teacher, teacher_endpoint=TEACHER_ENDPOINT)
         # Warm-up: the first forward pass pays one-off costs (kernel selection, allocations) that a user should not.
-        generator = torch.Generator().manual_seed(0)
+        _, latents, labels = self._starting_noise({"num_images": 1}, seed=0)
         with torch.no_grad():
-            latents = self.pipe.prepare_latents(1, generator)
-            labels = self.pipe.prepare_class_labels(1, None, generator)
             self.pipe.sample(latents, self.pipe.sampling_sigmas(1), labels)
             if self.teacher is not None:
                 self._sample_teacher(latents, 1, labels)
@@ -179,6 +177,14 @@ class ConsistencyModel:
 
     # -- generation ------------------------------------------------------------------------------------------------
 
+    def _starting_noise(self, request: dict, seed: int) -> tuple:
+        """The request's generator, starting latents and class labels, drawn from its seed in the order the offline
+        pipeline draws them (so a seeded request equals `pipe(..., generator=seed)`); ValueError: bad labels."""
+        generator = torch.Generator().manual_seed(seed)
+        latents = self.pipe.prepare_latents(request["num_images"], generator)
+        labels = self.pipe.prepare_class_labels(request["num_images"], request.get("class_labels"), generator)
+        return generator, latents, labels
+
     async def generate(self, request: dict) -> dict:
         """One `/v1/generate` request (a `GenerateRequest` as a dict) -> encoded images and batching statistics."""
         started = time.perf_counter()
@@ -193,10 +199,8 @@ class ConsistencyModel:
             field = "timesteps" if request.get("timesteps") is not None else \
                 "sigmas" if request.get("sigmas") is not None else "num_inference_steps"
             return request_error(field, str(error))
-        generator = torch.Generator().manual_seed(seed)
-        latents = self.pipe.prepare_latents(num_images, generator)
         try:
-            labels = self.pipe.prepare_class_labels(num_images, request.get("class_labels"), generator)
+            generator, latents, labels = self._starting_noise(request, seed)
         except ValueError as error:
             return request_error("class_labels", str(error))
 
@@ -273,11 +277,8 @@ class ConsistencyModel:
         if num_steps is None:
             return request_error("num_inference_steps", "The teacher needs `num_inference_steps` (Heun steps).")
         seed = request["seed"] if request.get("seed") is not None else secrets.randbelow(2**32)
-        num_images = request["num_images"]
-        generator = torch.Generator().manual_seed(seed)
-        latents = self.pipe.prepare_latents(num_images, generator)
         try:
-            labels = self.pipe.prepare_class_labels(num_images, request.get("class_labels"), generator)
+            _, latents, labels = self._starting_noise(request, seed)
         except ValueError as error:
             return request_error("class_labels", str(error))
         await self._model_free.wait()
