@@ -117,3 +117,14 @@ def test_shipped_edm_teacher_carries_the_current_pipeline_file():
     folder = Path(PRETRAINED_DIR) / "fashion-mnist-edm"
     for copy in (folder / "pipeline_edm_teacher.py", folder / "scheduler" / "pipeline_edm_teacher.py"):
         assert copy.read_text() == source, f"{copy} differs from cm_diffusers/edm_teacher_pipeline.py"
+
+
+def test_model_cards_folder_holds_the_shipped_cards():
+    """model_cards/<name>.md are the cards of the shipped models, copied for reading on the repository page: a
+    model shipped with a new card must bring its copy along."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "model_cards"
+    for name in SHIPPED_MODELS:
+        card = (Path(PRETRAINED_DIR) / name / "README.md").read_text()
+        assert (folder / f"{name}.md").read_text() == card, f"model_cards/{name}.md is not {name}'s shipped card"
