@@ -320,8 +320,7 @@ def load_teacher(name_or_path: str, torch_dtype=None, device=None, cache_dir: Op
         hint = " It is a consistency model already, not a diffusion teacher." if is_cm else ""
         raise ValueError(f"{name_or_path} has a {scheduler_class} scheduler.{hint} Supported: {SUPPORTED}.")
 
-    unet = UNet2DModel.from_pretrained(folder, subfolder="unet")
-    if torch_dtype is not None:
-        unet = unet.to(torch_dtype)
+    # the dtype at loading, as diffusers asks (a later `.to(dtype)` warns about modules kept in float32)
+    unet = UNet2DModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch_dtype)
     teacher = adapter(unet.eval().requires_grad_(False), scheduler_config)
     return teacher.to(device) if device is not None else teacher

@@ -3,6 +3,7 @@ predictions, the posterior mean E[x0 | x0 + sigma z] = m + s^2 / (s^2 + sigma^2)
 ODE solution x(sigma) = m + (x(sigma_T) - m) sqrt(s^2 + sigma^2) / sqrt(s^2 + sigma_T^2) are known in closed form."""
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -241,8 +242,18 @@ def test_load_teacher_reads_train_diffusion_folders(trained_folders):
         F = edm.unet(scheduler.precondition_inputs(x, 2.5), scheduler.precondition_noise(sigma)).sample
     torch.testing.assert_close(edm(x, sigma), scheduler.precondition_outputs(x, F, 2.5), rtol=1e-5, atol=1e-5)
 
-    half = load_teacher(str(trained_folders["ddpm"]), torch_dtype=torch.bfloat16)
+    records = []  # the dtype is set at loading: no diffusers warning about casting with `to()`
+    diffusers_logger, handler = logging.getLogger("diffusers"), logging.Handler()
+    handler.emit, level = records.append, diffusers_logger.level
+    diffusers_logger.addHandler(handler)
+    diffusers_logger.setLevel(logging.WARNING)  # other tests' imports may have quietened it
+    try:
+        half = load_teacher(str(trained_folders["ddpm"]), torch_dtype=torch.bfloat16)
+    finally:
+        diffusers_logger.removeHandler(handler)
+        diffusers_logger.setLevel(level)
     assert half.unet.dtype == torch.bfloat16
+    assert not [r for r in records if "kept in float32" in r.getMessage()]
     out = half(x, 1.0)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ddpm(x, 1.0), rtol=0.05, atol=0.05)
