@@ -325,3 +325,38 @@ def test_class_conditional_flag_is_never_silently_dropped(data_dir, unet_config,
     with pytest.raises(ValueError, match="needs a dataset with class labels"):
         train(*common_flags(data_dir, tmp_path / "a", 1), "--mode", "ct", "--unet_config", unet_config,
               "--class_conditional")  # fmt: skip
+
+
+def test_a_consistency_model_can_be_trained_further(data_dir, ddpm_teacher, tmp_path):
+    """--student_model_name_or_path: the student starts as that consistency model (architecture and weights), the
+    run's card says so, and what cannot be continued is refused with the flag to use."""
+    from cm_diffusers import ConsistencyPipeline, ConsistencyScheduler
+    from cm_diffusers.training.consistency import build_student
+
+    previous = tmp_path / "previous"
+    ConsistencyPipeline(unet=make_tiny_unet(seed=3), scheduler=ConsistencyScheduler()).save_pretrained(previous)
+    flags = ["--mode", "cd", "--output_dir", tmp_path / "x", "--teacher_model_name_or_path", ddpm_teacher]
+    args = train_consistency.parse_args([str(flag) for flag in [*flags, "--student_model_name_or_path", previous]])
+    student = build_student(args, None, None, 16, 1)
+    saved = load_file(previous / "unet" / WEIGHTS)
+    assert student.state_dict().keys() == saved.keys()
+    assert all(torch.equal(value, saved[name]) for name, value in student.state_dict().items())
+    assert student.config.dropout == args.dropout and student.training
+
+    out = tmp_path / "continued"
+    assert train(*common_flags(data_dir, out, 2), "--mode", "cd", "--teacher_model_name_or_path", ddpm_teacher,
+                 "--student_model_name_or_path", previous, "--num_scales", 4) == 2  # fmt: skip
+    assert_card(out, "cd", f"student_initialised_from | {previous}")
+
+    with pytest.raises(ValueError, match="--teacher_model_name_or_path"):  # a diffusion model is no student
+        build_student(train_consistency.parse_args([str(f) for f in [*flags, "--student_model_name_or_path",
+                                                                     ddpm_teacher]]), None, None, 16, 1)  # fmt: skip
+    other = tmp_path / "other_sigma_data"
+    scheduler = ConsistencyScheduler(sigma_data=0.25)
+    ConsistencyPipeline(unet=make_tiny_unet(seed=3), scheduler=scheduler).save_pretrained(other)
+    args = train_consistency.parse_args([str(flag) for flag in [*flags, "--student_model_name_or_path", other]])
+    with pytest.raises(ValueError, match="pass --sigma_data 0.25"):
+        build_student(args, None, None, 16, 1)
+    with pytest.raises(SystemExit):  # the weights and architecture come from the consistency model
+        train_consistency.parse_args([str(f) for f in [*flags, "--student_model_name_or_path", previous,
+                                                       "--no_teacher_init"]])  # fmt: skip

@@ -104,6 +104,14 @@ def parse_args(argv=None):
         "the data.",
     )
     group.add_argument(
+        "--student_model_name_or_path",
+        type=str,
+        default=None,
+        help="A consistency model (pipeline folder, Hub repo id or shipped name) whose weights and architecture "
+        "start the student, to continue or fine-tune it (e.g. more CD steps from the same teacher with a new "
+        "learning-rate schedule). Default: the teacher's weights.",
+    )
+    group.add_argument(
         "--no_teacher_init",
         action="store_true",
         help="Start the student from random weights even when its architecture matches the teacher's.",
@@ -203,6 +211,14 @@ def parse_args(argv=None):
     if args.teacher_model_name_or_path is not None:
         try:  # now, not after minutes of data loading
             check_model_source(args.teacher_model_name_or_path, "--teacher_model_name_or_path")
+        except (ValueError, FileNotFoundError) as error:
+            parser.error(str(error))
+    if args.student_model_name_or_path is not None:
+        if args.no_teacher_init or args.unet_config:
+            parser.error("--student_model_name_or_path fixes the student's weights and architecture: drop "
+                         "--no_teacher_init and --unet_config.")
+        try:
+            check_model_source(args.student_model_name_or_path, "--student_model_name_or_path")
         except (ValueError, FileNotFoundError) as error:
             parser.error(str(error))
     if not args.sigma_min < args.sigma_max:

@@ -53,10 +53,31 @@ def load_teacher_for(args, accelerator, weight_dtype):
     return teacher, sigma_min, sigma_max
 
 
+def consistency_model_weights(name_or_path: str, sigma_data: float) -> tuple:
+    """The UNet config and weights of a consistency model to continue training (safetensors only; a diffusion model
+    is refused with the flag to use instead)."""
+    try:
+        pipeline = ConsistencyPipeline.from_pretrained(name_or_path)
+    except ValueError as error:
+        raise ValueError(f"--student_model_name_or_path: {error} (a diffusion model starts the student through "
+                         "--teacher_model_name_or_path)") from None  # fmt: skip
+    trained_with = float(pipeline.scheduler.config.sigma_data)
+    if not math.isclose(trained_with, sigma_data):
+        raise ValueError(
+            f"--student_model_name_or_path {name_or_path} was trained with sigma_data {trained_with}, this run uses "
+            f"{sigma_data}: its weights mean something else under other scalings; pass --sigma_data {trained_with}."
+        )
+    return dict(pipeline.unet.config), pipeline.unet.state_dict()
+
+
 def build_student(args, teacher, dataset_classes, resolution: int, channels: int) -> UNet2DModel:
-    """The online network: --unet_config, else the teacher's architecture, else `default_unet_config`; started from
-    the teacher's weights when the architectures match."""
-    if args.unet_config:
+    """The online network: the consistency model of --student_model_name_or_path (architecture and weights), else
+    --unet_config, the teacher's architecture or `default_unet_config`, started from the teacher's weights when the
+    architectures match."""
+    weights = None
+    if args.student_model_name_or_path:
+        config, weights = consistency_model_weights(args.student_model_name_or_path, args.sigma_data)
+    elif args.unet_config:
         config = dict(UNet2DModel.load_config(args.unet_config))
     elif teacher is not None:
         config = dict(teacher.unet.config)
@@ -68,7 +89,10 @@ def build_student(args, teacher, dataset_classes, resolution: int, channels: int
     # OpenAI's c_noise_scale 1000) has exactly the student's scalings; a diffusers EDM model takes c_noise = ln(sigma)
     # / 4 and a DDPM eps-model x / sqrt(1 + sigma^2) at t in [0, 1000) and predicts noise. Their convolution and
     # attention features still transfer (--denoiser_warmup_steps re-learns the rest; --no_teacher_init to compare).
-    if teacher is not None and not args.no_teacher_init:
+    if weights is not None:
+        unet.load_state_dict(weights)
+        logger.info(f"Student initialised from the consistency model {args.student_model_name_or_path}.")
+    elif teacher is not None and not args.no_teacher_init:
         try:
             unet.load_state_dict(teacher.unet.state_dict())
             logger.info("Student initialised from the teacher's UNet.")
@@ -196,6 +220,8 @@ def mode_settings(args, sigma_min, sigma_max, final_levels) -> dict:
     settings = dict(sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=args.sigma_data, dropout=args.dropout,
                     learning_rate=args.learning_rate, optimizer=args.optimizer, batch_size=args.train_batch_size,
                     ema_decay=args.ema_decay)  # fmt: skip
+    if args.student_model_name_or_path:
+        settings.update(student_initialised_from=args.student_model_name_or_path)
     if args.denoiser_warmup_steps:
         settings.update(denoiser_warmup_steps=args.denoiser_warmup_steps,
                         denoiser_warmup_target=args.denoiser_warmup_target)  # fmt: skip
