@@ -14,6 +14,10 @@ Runs measured by parallel processes each write their own --output (two writers o
 joins them afterwards:
 
     python benchmarks/fid_vs_step.py --merge eval/fvs_cd.json eval/fvs_ect.json --output all.json
+
+A run started from another run's final weights (`--student_model_name_or_path`) is measured like any other (no
+--init_from) and joined with `--continues LABEL=PARENT`: its step 0 is the parent's last point, and the plot draws
+it on from there.
 """
 
 import argparse
@@ -95,6 +99,14 @@ def main(argv=None):
         "has one, the plot's x-axis is images seen, which compares runs of different batches.",
     )
     parser.add_argument(
+        "--continues",
+        action="append",
+        default=[],
+        metavar="LABEL=PARENT",
+        help="With --merge: run LABEL was started from the final weights of run PARENT (train_consistency.py "
+        "--student_model_name_or_path); its step 0 is PARENT's last point and the plot draws it from there on.",
+    )
+    parser.add_argument(
         "--merge",
         nargs="+",
         default=None,
@@ -104,8 +116,9 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     images_per_step = {label: int(n) for label, _, n in (s.partition("=") for s in args.images_per_step)}
+    continues = dict(spec.partition("=")[::2] for spec in args.continues)
     if args.merge:
-        return merge(args.merge, args.output, images_per_step)
+        return merge(args.merge, args.output, images_per_step, continues)
     if not args.run:
         parser.error("give at least one --run (or --merge).")
     wanted = None if args.steps is None else {int(s) for s in args.steps.split(",")}
@@ -155,8 +168,9 @@ def main(argv=None):
     plot(report, os.path.splitext(args.output)[0] + ".png")
 
 
-def merge(paths: list, output: str, images_per_step: dict):
-    """One report from several: the runs of all, under the protocol of the first (they must share it)."""
+def merge(paths: list, output: str, images_per_step: dict, continues: dict = None):
+    """One report from several: the runs of all, under the protocol of the first (they must share it); a run that
+    `continues` another starts at that one's last point."""
     reports = []
     for path in paths:
         with open(path) as f:
@@ -171,6 +185,12 @@ def merge(paths: list, output: str, images_per_step: dict):
             merged["runs"][label] = run
             if label in images_per_step:
                 run["images_per_step"] = images_per_step[label]
+    for label, parent in (continues or {}).items():
+        if label not in merged["runs"] or parent not in merged["runs"]:
+            raise SystemExit(f"--continues {label}={parent}: both runs must be among the merged ones.")
+        parent_points = merged["runs"][parent]["points"]
+        merged["runs"][label]["continues"] = parent
+        merged["runs"][label]["points"].setdefault("0", parent_points[max(parent_points, key=int)])
     with open(output, "w") as f:
         json.dump(merged, f, indent=2)
     plot(merged, os.path.splitext(output)[0] + ".png")
@@ -184,16 +204,23 @@ def plot(report: dict, path: str):
     import matplotlib.pyplot as plt
 
     by_images = all("images_per_step" in run for run in report["runs"].values())
+
+    def scale(run):
+        return run["images_per_step"] / 1000 if by_images else 1
+
+    def start(run):  # a continued run is drawn from where its parent ended
+        parent = report["runs"].get(run.get("continues"))
+        return start(parent) + max(int(s) for s in parent["points"]) * scale(parent) if parent else 0
+
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, run in report["runs"].items():
         steps = sorted(run["points"], key=int)
-        scale = run["images_per_step"] / 1000 if by_images else 1
         for key, style in (("1step", "-o"), ("2step", "--s")):
             xs = [int(s) for s in steps if key in run["points"][s]]
             if xs:
                 name = f"{label} (batch {run['images_per_step']})" if by_images else label
                 ax.plot(
-                    [x * scale for x in xs],
+                    [start(run) + x * scale(run) for x in xs],
                     [run["points"][str(s)][key] for s in xs],
                     style,
                     label=f"{name}, {key[0]} step(s)",

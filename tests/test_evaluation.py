@@ -405,7 +405,8 @@ def test_fid_vs_step_merges_runs_measured_apart_and_plots_them_by_images_seen(tm
     from benchmarks import fid_vs_step
 
     protocol = {"metric": "cm-diffusers evaluate, 500 samples, seed 0, vs 10,000 images", "weights": "ema"}
-    reports = {"a.json": {"cd": {"0": 222.0, "200": 150.0}}, "b.json": {"ect": {"0": 222.0, "400": 160.0}}}
+    reports = {"a.json": {"cd": {"0": 222.0, "200": 150.0}}, "b.json": {"ect": {"0": 222.0, "400": 160.0}},
+               "c.json": {"cd-more": {"200": 140.0}}}  # cd continued from its final weights
     paths = []
     for name, runs in reports.items():
         paths.append(str(tmp_path / name))
@@ -415,12 +416,17 @@ def test_fid_vs_step_merges_runs_measured_apart_and_plots_them_by_images_seen(tm
 
     out = tmp_path / "all.json"
     fid_vs_step.main(["--merge", *paths, "--output", str(out), "--images_per_step", "cd=64",
-                      "--images_per_step", "ect=32"])  # fmt: skip
+                      "--images_per_step", "ect=32", "--images_per_step", "cd-more=64",
+                      "--continues", "cd-more=cd"])  # fmt: skip
     merged = json.loads(out.read_text())
-    assert list(merged["runs"]) == ["cd", "ect"]
+    assert list(merged["runs"]) == ["cd", "ect", "cd-more"]
     assert merged["runs"]["cd"]["points"]["200"] == {"1step": 150.0}
     assert (merged["runs"]["cd"]["images_per_step"], merged["runs"]["ect"]["images_per_step"]) == (64, 32)
+    more = merged["runs"]["cd-more"]  # starts where cd ended
+    assert more["continues"] == "cd" and more["points"] == {"200": {"1step": 140.0}, "0": {"1step": 150.0}}
     assert Image.open(tmp_path / "all.png").size[0] > 0
+    with pytest.raises(SystemExit, match="both runs"):
+        fid_vs_step.main(["--merge", *paths, "--output", str(tmp_path / "x.json"), "--continues", "cd-more=nope"])
 
     with pytest.raises(SystemExit, match="more than one"):
         fid_vs_step.main(["--merge", paths[0], paths[0], "--output", str(tmp_path / "twice.json")])
