@@ -48,6 +48,15 @@ def ema_weights(checkpoint: str):
     raise FileNotFoundError(f"{checkpoint} has no EMA state (train with --ema_decay > 0).")
 
 
+def student_config(run_dir: str, init_from):
+    """The student's UNet config: that of the run's saved pipeline once it has finished, else of --init_from."""
+    if os.path.isfile(os.path.join(run_dir, "unet", "config.json")):
+        return dict(UNet2DModel.load_config(os.path.join(run_dir, "unet")))
+    if init_from is None:
+        raise SystemExit(f"{run_dir} has no saved pipeline yet: pass --init_from (the folder the run started from).")
+    return dict(UNet2DModel.load_config(os.path.join(resolve_pretrained(init_from), "unet")))
+
+
 def export(unet_config: dict, weights, folder: str, scheduler_config: dict):
     """A ConsistencyPipeline folder with `weights` (a list in parameter order, or a state dict)."""
     unet = UNet2DModel.from_config(unet_config)
@@ -151,10 +160,10 @@ def main(argv=None):
                 continue
             folder = os.path.join(run_dir, "fid_vs_step", f"step-{step}")
             if not os.path.isfile(os.path.join(folder, "model_index.json")):
-                teacher = resolve_pretrained(args.init_from) if args.init_from else None
-                config = dict(UNet2DModel.load_config(os.path.join(teacher, "unet")))
+                config = student_config(run_dir, args.init_from)
                 if step == 0:
-                    weights = UNet2DModel.from_pretrained(teacher, subfolder="unet").state_dict()
+                    weights = UNet2DModel.from_pretrained(resolve_pretrained(args.init_from), subfolder="unet")
+                    weights = weights.state_dict()
                 else:
                     weights = ema_weights(checkpoints[step])
                 export(config, weights, folder, scheduler_config)
