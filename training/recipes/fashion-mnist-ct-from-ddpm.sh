@@ -1,6 +1,7 @@
 #!/bin/bash
-# The fashion-mnist-ct shipped until 2026-12-02 (ECT from the earlier DDPM teacher fashion-mnist-ddpm; FID 112.03 at
-# 1 step), replaced by fashion-mnist-ct-v3.sh (ECT from fashion-mnist-edm). Easy consistency tuning (ECT) started from
+# The SHIPPED fashion-mnist-ct (ECT from the earlier DDPM teacher fashion-mnist-ddpm; FID 112.03 at 1 step). Its
+# successor from fashion-mnist-edm is fashion-mnist-ct.sh (unfinished).
+# The student trained without distillation, shipped as fashion-mnist-ct: easy consistency tuning (ECT) started from
 # the teacher's weights. No teacher output is used: 700 steps of denoising score matching on the data (the
 # eps-teacher's UNet learns the consistency scalings, i.e. becomes an EDM-style denoiser), then ECT (continuous
 # lognormal sigma, r(sigma) shrinking over 6 stages, pseudo-Huber, 1/(sigma - r) weights) at batch 32.
