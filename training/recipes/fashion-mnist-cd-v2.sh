@@ -7,7 +7,8 @@
 set -euo pipefail
 OUT=${OUT:-runs/fashion-mnist-cd-v2}
 TEACHER=${TEACHER:-fashion-mnist-edm}
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} accelerate launch --num_processes 1 training/train_consistency.py --mode cd \
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no \
+  --dynamo_backend no training/train_consistency.py --mode cd \
   --teacher_model_name_or_path "$TEACHER" --dataset_name fashion_mnist --resolution 28 --random_flip \
   --output_dir "$OUT" --train_batch_size 64 --max_train_steps 1000 --num_scales 12 --ode_solver heun \
   --loss_type pseudo_huber --target_ema_decay 0 \

@@ -7,7 +7,8 @@
 # lognormal sigma, r(sigma) shrinking over 6 stages, pseudo-Huber, 1/(sigma - r) weights) at batch 32.
 set -euo pipefail
 OUT=${OUT:-runs/fashion-mnist-ct-from-ddpm}
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} accelerate launch --num_processes 1 training/train_consistency.py --mode ect \
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no \
+  --dynamo_backend no training/train_consistency.py --mode ect \
   --teacher_model_name_or_path fashion-mnist-ddpm --dataset_name fashion_mnist --resolution 28 --random_flip \
   --output_dir "$OUT" --train_batch_size 32 --max_train_steps 3600 --denoiser_warmup_steps 700 \
   --denoiser_warmup_target data --ect_num_stages 6 --dropout 0 \

@@ -7,7 +7,8 @@
 set -euo pipefail
 OUT=${OUT:-runs/fashion-mnist-ct-v2}
 TEACHER=${TEACHER:-fashion-mnist-edm}
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} accelerate launch --num_processes 1 training/train_consistency.py --mode ect \
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no \
+  --dynamo_backend no training/train_consistency.py --mode ect \
   --teacher_model_name_or_path "$TEACHER" --dataset_name fashion_mnist --resolution 28 --random_flip \
   --output_dir "$OUT" --train_batch_size 32 --max_train_steps 2400 --ect_num_stages 4 --dropout 0 \
   --learning_rate 2e-4 --lr_scheduler cosine --lr_warmup_steps 100 --ema_decay 0.999 --seed 0 \

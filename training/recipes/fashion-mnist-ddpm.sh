@@ -4,7 +4,8 @@
 # recomputed for 2200 from there); this script runs the 2200-step schedule from the start.
 set -euo pipefail
 OUT=${OUT:-runs/fashion-mnist-ddpm}
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} accelerate launch --num_processes 1 training/train_diffusion.py \
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no \
+  --dynamo_backend no training/train_diffusion.py \
   --dataset_name fashion_mnist --resolution 28 --random_flip --output_dir "$OUT" \
   --model_type ddpm --prediction_type epsilon --train_batch_size 64 --max_train_steps 2200 \
   --learning_rate 5e-4 --lr_warmup_steps 200 --lr_scheduler cosine --use_ema --ema_max_decay 0.999 --seed 0 \

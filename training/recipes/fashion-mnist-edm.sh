@@ -8,7 +8,8 @@
 # to fit a CPU shared with other work; the cosine schedule was recomputed each time: lr 8.75e-4 at step 600 instead of 9.4e-4.)
 set -euo pipefail
 OUT=${OUT:-runs/fashion-mnist-edm}
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} accelerate launch --num_processes 1 training/train_diffusion.py \
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no \
+  --dynamo_backend no training/train_diffusion.py \
   --dataset_name fashion_mnist --resolution 28 --random_flip --output_dir "$OUT" \
   --model_type edm --edm_time_input consistency --unet_config training/recipes/fashion-mnist-edm-unet.json \
   --train_batch_size 64 --max_train_steps 2000 \
