@@ -218,6 +218,36 @@ def test_ect_tunes_a_diffusion_model_and_samples_with_sigmas(data_dir, ddpm_teac
     assert_card(out, "ect", "num_stages", "sigmas")
 
 
+def test_ect_pipeline_can_start_sampling_below_the_trained_sigma_max(data_dir, ddpm_teacher, tmp_path):
+    """--sampling_sigma_max: the saved scheduler starts there (1 step and the recommended 2 steps), the card keeps
+    the trained range; grid modes, a start outside (sigma_mid, sigma_max] and one above the teacher's are refused."""
+    from cm_diffusers import ConsistencyScheduler
+    from cm_diffusers.training.consistency import build_curriculum, pipeline_scheduler
+
+    out = tmp_path / "ect"
+    assert train(*common_flags(data_dir, out, 2), "--mode", "ect", "--teacher_model_name_or_path", ddpm_teacher,
+                 "--dropout", 0.0, "--sampling_sigma_max", 40, *LOSS_FLAGS) == 2  # fmt: skip
+    pipe = assert_pipeline_samples(out, {"sigmas": [40.0, 0.821]})
+    assert pipe.scheduler.config.sigma_max == 40.0 and pipe.scheduler.init_noise_sigma == 40.0
+    one_step = [pipe(batch_size=2, generator=torch.Generator().manual_seed(0), output_type="np", **schedule).images
+                for schedule in ({}, {"sigmas": [40.0]})]  # fmt: skip
+    assert np.array_equal(one_step[0], one_step[1])
+    with pytest.raises(ValueError, match="sigma_max=40.0"):  # the folder's range; the trained one is a config away
+        pipe(batch_size=2, sigmas=[80.0])
+    pipe.scheduler = ConsistencyScheduler.from_pretrained(out, subfolder="scheduler", sigma_max=80.0)
+    from_80 = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert np.isfinite(from_80).all() and not np.allclose(from_80, one_step[0])
+    assert_card(out, "ect", "| sigma_max | 80 |", "| sampling_sigma_max | 40 |", "| `sigmas` | [40, 0.821] |")
+
+    flags = ["--output_dir", tmp_path / "x", "--teacher_model_name_or_path", ddpm_teacher]
+    for mode, start in (("cd", 40), ("ect", 0.5), ("ect", 100)):
+        with pytest.raises(SystemExit):
+            train_consistency.parse_args([str(f) for f in [*flags, "--mode", mode, "--sampling_sigma_max", start]])
+    args = train_consistency.parse_args([str(f) for f in [*flags, "--mode", "ect", "--sampling_sigma_max", 40]])
+    with pytest.raises(ValueError, match="Pass at most 30"):  # a teacher trained up to sigma 30 only
+        pipeline_scheduler(args, build_curriculum(args), 0.002, 30.0)
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, unet_config, tmp_path):
     out = tmp_path / "nan"
     # lr 0 at step 1 (warm-up), 5e29 at step 2, which blows the weights up: checkpoint-1 is the last good one, and

@@ -195,6 +195,14 @@ def parse_args(argv=None):
     group.add_argument(
         "--sigma_mid", type=positive_float, default=0.821, help="Middle level of 2-step samples (iCT CIFAR)."
     )
+    group.add_argument(
+        "--sampling_sigma_max",
+        type=positive_float,
+        default=None,
+        help="ect: the level the saved pipeline's samples start from (its scheduler's sigma_max; default the "
+        "training --sigma_max). ECT's lognormal levels rarely reach the top of the range: measure 1-step FID "
+        "from a lower start with `cm-diffusers evaluate --sigmas`, then set it here.",
+    )
 
     add_optimization_args(parser, learning_rate=None, optimizers=("radam", "adamw"),
                           learning_rate_help="Peak learning rate (cd/ct 4e-4, ict/ect 1e-4).")
@@ -239,6 +247,13 @@ def parse_args(argv=None):
         parser.error("--denoiser_warmup_target teacher needs --teacher_model_name_or_path.")
     if not args.sigma_min < args.sigma_mid < args.sigma_max:
         parser.error("--sigma_mid must lie between --sigma_min and --sigma_max.")
+    if args.sampling_sigma_max is not None:
+        if args.mode != "ect":
+            parser.error(f"--sampling_sigma_max is for --mode ect (continuous levels); {args.mode} models sample "
+                         "on their training grid, which starts at --sigma_max.")
+        if not args.sigma_mid < args.sampling_sigma_max <= args.sigma_max:
+            parser.error(f"--sampling_sigma_max ({args.sampling_sigma_max}) must lie in (--sigma_mid, --sigma_max] "
+                         f"= ({args.sigma_mid}, {args.sigma_max}].")
     return args
 
 
@@ -318,7 +333,8 @@ def main(args):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final_levels = curriculum(max(global_step - args.denoiser_warmup_steps, 0))
-        save_pipeline(args, raw_unet, ema, scheduler, schedules, final_levels, global_step, accelerator)
+        save_pipeline(args, raw_unet, ema, scheduler, schedules, final_levels, global_step, accelerator,
+                      (sigma_min, sigma_max))
         log.event(event="saved_pipeline", rank=accelerator.process_index)
     finish_run(accelerator, log)
     return global_step

@@ -158,8 +158,14 @@ def build_losses(args, teacher, sigma_min: float, sigma_max: float, device) -> t
 
 def pipeline_scheduler(args, curriculum: Curriculum, sigma_min: float, sigma_max: float) -> tuple:
     """The scheduler of the saved pipeline (the grid of the final step; ect trains on continuous levels and gets the
-    default 40-point grid, sampled by sigmas) and the 1-/2-step schedules it is sampled with."""
+    default 40-point grid, sampled by sigmas, starting at --sampling_sigma_max if given) and the 1-/2-step schedules
+    it is sampled with."""
     num_train_timesteps = curriculum(curriculum.total_steps).num_scales if args.mode != "ect" else 40
+    if args.mode == "ect" and args.sampling_sigma_max is not None:
+        if args.sampling_sigma_max > sigma_max:
+            raise ValueError(f"--sampling_sigma_max ({args.sampling_sigma_max}) is above the teacher's largest noise "
+                             f"level ({sigma_max}): the model is not trained there. Pass at most {sigma_max}.")
+        sigma_max = args.sampling_sigma_max
     scheduler = ConsistencyScheduler(num_train_timesteps=num_train_timesteps, sigma_min=sigma_min, sigma_max=sigma_max,
                                      sigma_data=args.sigma_data, rho=args.rho)  # fmt: skip
     return scheduler, sampling_schedules(args, num_train_timesteps, sigma_min, sigma_max)
@@ -216,10 +222,12 @@ def describe_loss(args) -> str:
 
 
 def mode_settings(args, sigma_min, sigma_max, final_levels) -> dict:
-    """The settings a model card lists under its training details."""
+    """The settings a model card lists under its training details (sigma_min/sigma_max: the trained range)."""
     settings = dict(sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=args.sigma_data, dropout=args.dropout,
                     learning_rate=args.learning_rate, optimizer=args.optimizer, batch_size=args.train_batch_size,
                     ema_decay=args.ema_decay)  # fmt: skip
+    if args.sampling_sigma_max is not None:
+        settings.update(sampling_sigma_max=args.sampling_sigma_max)
     if args.student_model_name_or_path:
         settings.update(student_initialised_from=args.student_model_name_or_path)
     if args.denoiser_warmup_steps:
@@ -237,8 +245,9 @@ def mode_settings(args, sigma_min, sigma_max, final_levels) -> dict:
     return settings
 
 
-def save_pipeline(args, unet, ema, scheduler, schedules, final_levels, global_step, accelerator):
-    """Writes the ConsistencyPipeline folder, 1-/2-step sample grids and the model card; pushes it if asked."""
+def save_pipeline(args, unet, ema, scheduler, schedules, final_levels, global_step, accelerator, sigma_range):
+    """Writes the ConsistencyPipeline folder, 1-/2-step sample grids and the model card (with the trained
+    `sigma_range`); pushes it if asked."""
     from ..hub import push_to_hub, save_model_card
 
     unet = copy.deepcopy(unet).float()
@@ -262,7 +271,7 @@ def save_pipeline(args, unet, ema, scheduler, schedules, final_levels, global_st
         training_command="accelerate launch training/train_consistency.py " + args.command_line,
         hardware=f"{accelerator.num_processes} x {device}", train_steps=global_step, loss=describe_loss(args),
         sampling=schedules["2step"], sample_grid="samples_2step.png",
-        extra=mode_settings(args, scheduler.config.sigma_min, scheduler.config.sigma_max, final_levels),
+        extra=mode_settings(args, *sigma_range, final_levels),
     )
     logger.info(f"Saved the pipeline to {args.output_dir}")
     if args.push_to_hub:
