@@ -34,7 +34,7 @@ browser:
 	  || echo "note: could not install chromium and chromium-driver; the playground's browser test will be skipped")
 
 # The shipped one-step model with the best measured FID (README, Results).
-MODEL ?= fashion-mnist-cd
+MODEL ?= fashion-mnist-ct
 
 demo: setup
 	$(VENV)/bin/cm-diffusers generate --model $(MODEL) --num_images 64 --seed 0 --output samples.png

@@ -6,8 +6,8 @@ PRETRAINED_DIR = os.path.join(os.path.dirname(__file__), "pretrained")
 DEFAULT_MODEL = "fashion-mnist-cd"
 SHIPPED_MODELS = {
     "fashion-mnist-cd": "Consistency-distilled from the Fashion-MNIST EDM teacher fashion-mnist-edm (1-2 steps).",
-    "fashion-mnist-ct": "Consistency model trained without distillation (ECT from fashion-mnist-ddpm's weights, data "
-    "only).",
+    "fashion-mnist-ct": "Consistency model trained without distillation (ECT from fashion-mnist-edm's weights, data "
+    "only; 1-2 steps).",
     "fashion-mnist-ddpm": "The earlier DDPM (epsilon) teacher, in diffusers DDPMPipeline format.",
     "fashion-mnist-edm": "The EDM teacher with the consistency time input (t = 250 ln sigma); diffusers needs "
     "trust_remote_code=True.",
