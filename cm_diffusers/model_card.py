@@ -110,7 +110,7 @@ def save_model_card(output_dir, **info) -> ModelCard:
         diffusers_runs=model["channels"] == 3 and model["square"],
         multistep_call=_multistep_call(sampling),
         model=model,
-        model_rows=_model_rows(model),
+        model_rows=_model_rows(model, (info.get("extra") or {}).get("sigma_max")),
         num_train_timesteps=model["num_train_timesteps"],
         sampling_rows=[(f"`{key}`", _fmt(value)) for key, value in sampling.items() if value is not None],
         training_rows=_training_rows(info),
@@ -270,7 +270,8 @@ def _count_parameters(unet_dir: Path):
     return total
 
 
-def _model_rows(model: dict) -> list:
+def _model_rows(model: dict, trained_sigma_max=None) -> list:
+    """The model table; `trained_sigma_max` (the training settings' sigma_max) is named when sampling starts lower."""
     rows = []
     if model["architecture"]:
         params = f", {model['parameters'] / 1e6:.2f}M parameters" if model["parameters"] else ""
@@ -279,10 +280,12 @@ def _model_rows(model: dict) -> list:
         rows.append(("images", f"{model['resolution']}, {model['channels']} channel(s)"))
     rows.append(("conditioning", f"{model['num_classes']} classes" if model["num_classes"] else "unconditional"))
     if model["sigma_min"] is not None:
+        levels = f"sigma in [{model['sigma_min']}, {model['sigma_max']}]"
+        if isinstance(trained_sigma_max, (int, float)) and trained_sigma_max > (model["sigma_max"] or 0):
+            levels = f"sampled from {levels} (trained up to {trained_sigma_max})"
         rows.append((
             "noise levels",
-            f"sigma in [{model['sigma_min']}, {model['sigma_max']}], sigma_data {model['sigma_data']}, "
-            f"{model['num_train_timesteps']}-point Karras grid",
+            f"{levels}, sigma_data {model['sigma_data']}, {model['num_train_timesteps']}-point Karras grid",
         ))
     return rows
 

@@ -93,6 +93,16 @@ def test_kid_near_zero_for_the_same_distribution_and_positive_for_a_shifted_one(
 # Inception input pipeline
 
 
+def test_pixel_wasserstein1_is_the_mean_gap_of_sorted_values():
+    rng = np.random.default_rng(0)
+    reference = rng.uniform(0.2, 0.6, size=(8, 28, 28))
+    assert evaluation.pixel_wasserstein1(reference, reference) == 0.0
+    assert evaluation.pixel_wasserstein1(reference + 0.25, reference) == pytest.approx(0.25)  # a shift costs itself
+    # fewer values than the reference: compared with evenly spaced reference quantiles, order and shape ignored
+    assert evaluation.pixel_wasserstein1(np.array([[0.6], [0.2]]), np.array([0.2, 0.3, 0.5, 0.6])) == 0.0
+    assert evaluation.pixel_wasserstein1(np.full(4, 0.5), np.array([0.0, 0.0, 1.0, 1.0])) == pytest.approx(0.5)
+
+
 def test_tf_bilinear_resize_samples_at_i_times_in_over_out():
     image = torch.rand(1, 1, 5, 7, dtype=torch.float64)
     out = tf_bilinear_resize(image, 11)

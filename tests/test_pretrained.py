@@ -51,7 +51,7 @@ def test_shipped_consistency_models_sample_garments_in_one_step_and_denoise(name
     """Offline, by short name: one-step samples whose pixel distribution is Fashion-MNIST's (noise or a blank image
     is far from it), and f(x + sigma z, sigma) much closer to real test images than the noisy input."""
     from cm_diffusers import ConsistencyPipeline
-    from cm_diffusers.evaluation import read_fashion_mnist
+    from cm_diffusers.evaluation import pixel_wasserstein1, read_fashion_mnist
     from cm_diffusers.networks import unet_forward
     from cm_diffusers.parameterization import consistency_function
 
@@ -63,14 +63,10 @@ def test_shipped_consistency_models_sample_garments_in_one_step_and_denoise(name
     assert images.shape == (32, 28, 28, 1)
     real = read_fashion_mnist("test")[:256].astype(np.float32) / 255
 
-    def pixel_w1(values):  # Wasserstein-1 distance between the pixel-value distributions
-        a = np.sort(values.ravel())
-        b = np.sort(real.ravel())[np.linspace(0, real.size - 1, a.size).astype(int)]
-        return float(np.abs(a - b).mean())
-
     rng = np.random.default_rng(0)
-    assert pixel_w1(images) < 0.05
-    assert pixel_w1(rng.uniform(size=images.shape)) > 0.15 and pixel_w1(np.zeros(images.shape)) > 0.15
+    assert pixel_wasserstein1(images, real) < 0.05
+    assert pixel_wasserstein1(rng.uniform(size=images.shape), real) > 0.15
+    assert pixel_wasserstein1(np.zeros(images.shape), real) > 0.15
 
     clean = torch.from_numpy(real[:32]).reshape(32, 1, 28, 28) * 2 - 1
     network = unet_forward(pipe.unet)

@@ -218,11 +218,13 @@ def test_ect_tunes_a_diffusion_model_and_samples_with_sigmas(data_dir, ddpm_teac
     assert_card(out, "ect", "num_stages", "sigmas")
 
 
-def test_ect_pipeline_can_start_sampling_below_the_trained_sigma_max(data_dir, ddpm_teacher, tmp_path):
+def test_ect_pipeline_can_start_sampling_below_the_trained_sigma_max(data_dir, ddpm_teacher, tmp_path, capsys):
     """--sampling_sigma_max: the saved scheduler starts there (1 step and the recommended 2 steps), the card keeps
     the trained range; grid modes, a start outside (sigma_mid, sigma_max] and one above the teacher's are refused."""
+    from accelerate import Accelerator
+
     from cm_diffusers import ConsistencyScheduler
-    from cm_diffusers.training.consistency import build_curriculum, pipeline_scheduler
+    from cm_diffusers.training.consistency import build_curriculum, load_teacher_for, pipeline_scheduler
 
     out = tmp_path / "ect"
     assert train(*common_flags(data_dir, out, 2), "--mode", "ect", "--teacher_model_name_or_path", ddpm_teacher,
@@ -237,15 +239,23 @@ def test_ect_pipeline_can_start_sampling_below_the_trained_sigma_max(data_dir, d
     pipe.scheduler = ConsistencyScheduler.from_pretrained(out, subfolder="scheduler", sigma_max=80.0)
     from_80 = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert np.isfinite(from_80).all() and not np.allclose(from_80, one_step[0])
-    assert_card(out, "ect", "| sigma_max | 80 |", "| sampling_sigma_max | 40 |", "| `sigmas` | [40, 0.821] |")
+    assert_card(out, "ect", "| sigma_max | 80 |", "| sampling_sigma_max | 40 |", "| `sigmas` | [40, 0.821] |",
+                "sampled from sigma in [0.01000132982421665, 40.0] (trained up to 80.0)")
 
     flags = ["--output_dir", tmp_path / "x", "--teacher_model_name_or_path", ddpm_teacher]
     for mode, start in (("cd", 40), ("ect", 0.5), ("ect", 100)):
         with pytest.raises(SystemExit):
             train_consistency.parse_args([str(f) for f in [*flags, "--mode", mode, "--sampling_sigma_max", start]])
+        assert "--sampling_sigma_max" in capsys.readouterr().err
     args = train_consistency.parse_args([str(f) for f in [*flags, "--mode", "ect", "--sampling_sigma_max", 40]])
-    with pytest.raises(ValueError, match="Pass at most 30"):  # a teacher trained up to sigma 30 only
+    with pytest.raises(ValueError, match=r"pass a value in \(0.002, 30.0\]"):  # a teacher trained up to 30 only
         pipeline_scheduler(args, build_curriculum(args), 0.002, 30.0)
+    short = tmp_path / "short_teacher"  # 200 DDPM steps: sigma up to ~2.5 only
+    DDPMPipeline(unet=make_tiny_unet(seed=1), scheduler=DDPMScheduler(num_train_timesteps=200)).save_pretrained(short)
+    args = train_consistency.parse_args([str(f) for f in [*flags[:2], "--teacher_model_name_or_path", short,
+                                                          "--mode", "ect", "--sampling_sigma_max", 40]])  # fmt: skip
+    with pytest.raises(ValueError, match="outside the noise range trained"):  # when the teacher loads, before data
+        load_teacher_for(args, Accelerator(cpu=True), torch.float32)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, unet_config, tmp_path):

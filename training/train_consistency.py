@@ -199,9 +199,9 @@ def parse_args(argv=None):
         "--sampling_sigma_max",
         type=positive_float,
         default=None,
-        help="ect: the level the saved pipeline's samples start from (its scheduler's sigma_max; default the "
-        "training --sigma_max). ECT's lognormal levels rarely reach the top of the range: measure 1-step FID "
-        "from a lower start with `cm-diffusers evaluate --sigmas`, then set it here.",
+        help="ect: the level the saved pipeline's samples start from (its scheduler's sigma_max; default the top "
+        "of the trained range, --sigma_max within the teacher's). ECT's lognormal levels rarely reach that top: "
+        "measure 1-step FID from a lower start with `cm-diffusers evaluate --sigmas`, then set it here.",
     )
 
     add_optimization_args(parser, learning_rate=None, optimizers=("radam", "adamw"),

@@ -223,3 +223,14 @@ def kid(features1, features2, num_subsets: int = 100, max_subset_size: int = 100
     return float(np.mean(estimates)), float(np.std(estimates))
 
 
+
+
+def pixel_wasserstein1(images, reference) -> float:
+    """Wasserstein-1 distance between the pixel-value distributions of `images` and `reference` (arrays of values in
+    [0, 1], any shape): the mean gap between sorted values, the reference subsampled to as many values as `images`.
+    Cheap and blind to layout, it catches what FID can miss: grey backgrounds, washed-out or saturated samples
+    (Fashion-MNIST: held-out real images 0.01-0.035, uniform noise or a blank image above 0.15)."""
+    values = np.sort(np.asarray(images, dtype=np.float64).ravel())
+    reference = np.sort(np.asarray(reference, dtype=np.float64).ravel())
+    reference = reference[np.linspace(0, reference.size - 1, values.size).astype(int)]
+    return float(np.abs(values - reference).mean())

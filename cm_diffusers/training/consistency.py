@@ -50,7 +50,17 @@ def load_teacher_for(args, accelerator, weight_dtype):
     # the teacher knows nothing outside its own noise range
     sigma_min, sigma_max = max(args.sigma_min, float(teacher.sigma_min)), min(args.sigma_max, float(teacher.sigma_max))
     logger.info(f"Teacher {args.teacher_model_name_or_path} ({teacher.kind}): sigma in [{sigma_min}, {sigma_max}]")
+    check_sampling_start(args, sigma_min, sigma_max)  # now, not after minutes of data loading and training
     return teacher, sigma_min, sigma_max
+
+
+def check_sampling_start(args, sigma_min: float, sigma_max: float):
+    """--sampling_sigma_max must lie within the trained range, which the teacher may narrow."""
+    start = args.sampling_sigma_max
+    if start is not None and not sigma_min < start <= sigma_max:
+        raise ValueError(f"--sampling_sigma_max ({start}) lies outside the noise range trained, [{sigma_min}, "
+                         f"{sigma_max}] (the flags' range within the teacher's): pass a value in ({sigma_min}, "
+                         f"{sigma_max}].")
 
 
 def consistency_model_weights(name_or_path: str, sigma_data: float) -> tuple:
@@ -67,6 +77,9 @@ def consistency_model_weights(name_or_path: str, sigma_data: float) -> tuple:
             f"--student_model_name_or_path {name_or_path} was trained with sigma_data {trained_with}, this run uses "
             f"{sigma_data}: its weights mean something else under other scalings; pass --sigma_data {trained_with}."
         )
+    start = float(pipeline.scheduler.config.sigma_max)
+    logger.info(f"--student_model_name_or_path {name_or_path} samples from sigma {start}; this run's pipeline starts "
+                "at the top of its trained range unless --sampling_sigma_max (ect) says otherwise.")
     return dict(pipeline.unet.config), pipeline.unet.state_dict()
 
 
@@ -162,9 +175,7 @@ def pipeline_scheduler(args, curriculum: Curriculum, sigma_min: float, sigma_max
     it is sampled with."""
     num_train_timesteps = curriculum(curriculum.total_steps).num_scales if args.mode != "ect" else 40
     if args.mode == "ect" and args.sampling_sigma_max is not None:
-        if args.sampling_sigma_max > sigma_max:
-            raise ValueError(f"--sampling_sigma_max ({args.sampling_sigma_max}) is above the teacher's largest noise "
-                             f"level ({sigma_max}): the model is not trained there. Pass at most {sigma_max}.")
+        check_sampling_start(args, sigma_min, sigma_max)
         sigma_max = args.sampling_sigma_max
     scheduler = ConsistencyScheduler(num_train_timesteps=num_train_timesteps, sigma_min=sigma_min, sigma_max=sigma_max,
                                      sigma_data=args.sigma_data, rho=args.rho)  # fmt: skip

@@ -1,7 +1,7 @@
 #!/bin/bash
-# The SHIPPED fashion-mnist-ct (ECT from the earlier DDPM teacher fashion-mnist-ddpm; FID 112.03 at 1 step). The
-# runs from fashion-mnist-edm (fashion-mnist-ct*.sh) are not shipped: see training/recipes/README.md.
-# The student trained without distillation, shipped as fashion-mnist-ct: easy consistency tuning (ECT) started from
+# The fashion-mnist-ct shipped until ECT run 4 from fashion-mnist-edm (fashion-mnist-ct-v4.sh) replaced it: ECT from
+# the earlier DDPM teacher fashion-mnist-ddpm, FID 112.03 at 1 step (see training/recipes/README.md).
+# The student trained without distillation, then shipped as fashion-mnist-ct: easy consistency tuning (ECT) started from
 # the teacher's weights. No teacher output is used: 700 steps of denoising score matching on the data (the
 # eps-teacher's UNet learns the consistency scalings, i.e. becomes an EDM-style denoiser), then ECT (continuous
 # lognormal sigma, r(sigma) shrinking over 6 stages, pseudo-Huber, 1/(sigma - r) weights) at batch 32.

@@ -1,6 +1,6 @@
 #!/bin/bash
 # ECT run 1 from the new teacher (not shipped: 1-step FID 149.7 at 500 samples at its end; the shipped fashion-mnist-ct
-# comes from fashion-mnist-ct-from-ddpm.sh, run 2 is fashion-mnist-ct-v2.sh): easy consistency tuning (ECT) started from
+# comes from fashion-mnist-ct-v4.sh, run 2 is fashion-mnist-ct-v2.sh): easy consistency tuning (ECT) started from
 # the weights of fashion-mnist-edm (no teacher output is used; with the consistency time input those weights already
 # are a denoiser under the consistency scalings, so there is no warm-up). Continuous lognormal sigma, r(sigma)
 # shrinking over 4 stages, pseudo-Huber, 1/(sigma - r) weights, batch 32, 1,200 steps. Every checkpoint is kept for
