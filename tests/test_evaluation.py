@@ -467,3 +467,34 @@ def test_benchmark_matches_the_teacher_against_the_benchmarked_model_of_a_merged
     assert matching_teacher(report, 1, "old")["nfe"] == 4
     with pytest.raises(ValueError, match="several models"):
         matching_teacher(report, 1, "another")
+
+
+def test_sampling_start_opens_a_lower_starting_folder_and_measures_pixel_statistics(tmp_path):
+    """benchmarks/sampling_start.py: a folder that starts at sigma 40 is sampled from 80 only after its scheduler's
+    range is opened (same weights), and the pixel statistics are those of the shipped-model test, per seed."""
+    import sys
+
+    from helpers import make_tiny_unet
+
+    from cm_diffusers import ConsistencyPipeline, ConsistencyScheduler
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from benchmarks import sampling_start
+
+    folder = tmp_path / "starts_at_40"
+    ConsistencyPipeline(unet=make_tiny_unet(seed=0), scheduler=ConsistencyScheduler(sigma_max=40.0)).save_pretrained(
+        folder
+    )
+    with pytest.raises(ValueError, match="sigma_max=40.0"):
+        ConsistencyPipeline.from_pretrained(folder)(batch_size=1, sigmas=[80.0])
+    opened = sampling_start.load_opened(str(folder), 80.0)
+    assert opened.scheduler.config.sigma_max == 80.0 and opened.scheduler.config.sigma_min == 0.002
+    assert sampling_start.load_opened(str(folder), 20.0).scheduler.config.sigma_max == 40.0  # never narrowed
+    real = np.random.default_rng(0).uniform(size=(8, 16, 16))
+    stats = sampling_start.pixel_statistics(opened, 80.0, real)
+    per_seed = stats["pixel_w1_per_seed"]
+    assert len(per_seed) == sampling_start.PIXEL_TEST_SEEDS and len(set(per_seed)) == len(per_seed)  # seeds differ
+    assert stats["pixel_w1_mean"] == pytest.approx(np.mean(per_seed)) and 0 <= stats["dark_fraction"] <= 1
+    images = opened(batch_size=sampling_start.PIXEL_TEST_IMAGES, sigmas=[80.0], output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert per_seed[0] == evaluation.pixel_wasserstein1(images, real)

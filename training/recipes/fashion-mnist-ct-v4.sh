@@ -7,8 +7,8 @@
 # and another data order (seed 1); batch, loss, EMA and ln sigma ~ N(-0.4, 2) as run 3 (P_MEAN=0.0
 # OUT=runs/fashion-mnist-ct-v4-pmean0 reproduces the comparison run). Its samples start at sigma 40
 # (--sampling_sigma_max): ln sigma ~ N(-0.4, 2) puts 1.2% of the training levels between 40 and 80, and one step from
-# 40 instead of 80 measured FID 95.80 instead of 99.71 (2,000 samples) and one-step images with the data's pixel
-# statistics (see the README's quality section). The shipped run was trained before --sampling_sigma_max existed and
+# 40 instead of 80 measured FID 95.80 instead of 99.71 (2,000 samples) and one-step pixel statistics closer to the
+# data's (benchmarks/results/sampling_start.json). The shipped run was trained before --sampling_sigma_max existed and
 # its scheduler's sigma_max was set to 40 afterwards: the flag changes the saved scheduler and sample grids, no
 # weight.
 # One command: runs run 3 first when its output is missing.
