@@ -223,8 +223,6 @@ def kid(features1, features2, num_subsets: int = 100, max_subset_size: int = 100
     return float(np.mean(estimates)), float(np.std(estimates))
 
 
-
-
 def pixel_wasserstein1(images, reference) -> float:
     """Wasserstein-1 distance between the pixel-value distributions of `images` and `reference` (arrays of values in
     [0, 1], any shape): the mean gap between sorted values, the reference subsampled to as many values as `images`.
