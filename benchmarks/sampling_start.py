@@ -95,7 +95,6 @@ def main(argv=None):
     parser.add_argument("--output", default="benchmarks/results/sampling_start.json")
     args = parser.parse_args(argv)
     starts = sorted((float(s) for s in args.starts.split(",")), reverse=True)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
 
     models = [(label, path) for label, _, path in (spec.partition("=") for spec in args.model)]
     resolution = load_opened(models[0][1], starts[0]).unet.config.sample_size  # the statistics' cache key has it

@@ -254,8 +254,9 @@ def test_ect_pipeline_can_start_sampling_below_the_trained_sigma_max(data_dir, d
     DDPMPipeline(unet=make_tiny_unet(seed=1), scheduler=DDPMScheduler(num_train_timesteps=200)).save_pretrained(short)
     args = train_consistency.parse_args([str(f) for f in [*flags[:2], "--teacher_model_name_or_path", short,
                                                           "--mode", "ect", "--sampling_sigma_max", 40]])  # fmt: skip
-    with pytest.raises(ValueError, match="outside the noise range trained"):  # when the teacher loads, before data
-        load_teacher_for(args, Accelerator(cpu=True), torch.float32)
+    _, sigma_min, sigma_max = load_teacher_for(args, Accelerator(cpu=True), torch.float32)
+    with pytest.raises(ValueError, match="outside the noise range trained"):  # main() builds it before the data
+        pipeline_scheduler(args, build_curriculum(args), sigma_min, sigma_max)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, unet_config, tmp_path):

@@ -265,6 +265,8 @@ def main(args):
 
     # 1. Teacher (cd: the ODE steps; cd and ect: the initialisation), first: a bad teacher fails before data loads
     teacher, sigma_min, sigma_max = load_teacher_for(args, accelerator, weight_dtype)
+    curriculum = build_curriculum(args)
+    scheduler, schedules = pipeline_scheduler(args, curriculum, sigma_min, sigma_max)  # checks the start too
 
     # 2. Data, then the student (identical initial weights on every rank), the target and the evaluation EMA
     with accelerator.main_process_first():  # downloads and dataset caches are written once
@@ -273,7 +275,6 @@ def main(args):
     torch.manual_seed(args.seed)
     unet = build_student(args, teacher, num_classes(dataset), resolution, channels)
     torch.manual_seed(args.seed + accelerator.process_index)  # noise and dropout differ per rank
-    curriculum = build_curriculum(args)
     # mu = 0 makes the target the stop-gradient of the online network itself: no copy needed
     target_unet = copy.deepcopy(unet).requires_grad_(False) if curriculum.uses_target_ema else None
     ema = make_ema(unet, args.ema_decay) if args.ema_decay > 0 else None
@@ -290,7 +291,6 @@ def main(args):
     conditional = raw_unet.config.num_class_embeds is not None
     student = unet_forward(unet)
     target = unet_forward(target_unet if target_unet is not None else raw_unet)
-    scheduler, schedules = pipeline_scheduler(args, curriculum, sigma_min, sigma_max)
     log = StepLog(accelerator, args, global_step, "train_consistency", batches)
 
     # 4. The loop: load batch, sample levels, loss, backward, step, update target/EMA, log, checkpoint

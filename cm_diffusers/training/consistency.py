@@ -50,17 +50,7 @@ def load_teacher_for(args, accelerator, weight_dtype):
     # the teacher knows nothing outside its own noise range
     sigma_min, sigma_max = max(args.sigma_min, float(teacher.sigma_min)), min(args.sigma_max, float(teacher.sigma_max))
     logger.info(f"Teacher {args.teacher_model_name_or_path} ({teacher.kind}): sigma in [{sigma_min}, {sigma_max}]")
-    check_sampling_start(args, sigma_min, sigma_max)  # now, not after minutes of data loading and training
     return teacher, sigma_min, sigma_max
-
-
-def check_sampling_start(args, sigma_min: float, sigma_max: float):
-    """--sampling_sigma_max must lie within the trained range, which the teacher may narrow."""
-    start = args.sampling_sigma_max
-    if start is not None and not sigma_min < start <= sigma_max:
-        raise ValueError(f"--sampling_sigma_max ({start}) lies outside the noise range trained, [{sigma_min}, "
-                         f"{sigma_max}] (the flags' range within the teacher's): pass a value in ({sigma_min}, "
-                         f"{sigma_max}].")
 
 
 def consistency_model_weights(name_or_path: str, sigma_data: float) -> tuple:
@@ -175,8 +165,12 @@ def pipeline_scheduler(args, curriculum: Curriculum, sigma_min: float, sigma_max
     it is sampled with."""
     num_train_timesteps = curriculum(curriculum.total_steps).num_scales if args.mode != "ect" else 40
     if args.mode == "ect" and args.sampling_sigma_max is not None:
-        check_sampling_start(args, sigma_min, sigma_max)
-        sigma_max = args.sampling_sigma_max
+        start = args.sampling_sigma_max  # within the trained range, which the teacher may narrow
+        if not sigma_min < start <= sigma_max:
+            raise ValueError(f"--sampling_sigma_max ({start}) lies outside the noise range trained, [{sigma_min}, "
+                             f"{sigma_max}] (the flags' range within the teacher's): pass a value in ({sigma_min}, "
+                             f"{sigma_max}].")
+        sigma_max = start
     scheduler = ConsistencyScheduler(num_train_timesteps=num_train_timesteps, sigma_min=sigma_min, sigma_max=sigma_max,
                                      sigma_data=args.sigma_data, rho=args.rho)  # fmt: skip
     return scheduler, sampling_schedules(args, num_train_timesteps, sigma_min, sigma_max)
