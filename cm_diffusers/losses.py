@@ -14,12 +14,12 @@ every resumed run agrees.
 """
 
 import functools
-import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
+from .distances import LPIPS, LPIPS_BACKBONE_FILES, PseudoHuber, l1, l2, make_distance  # noqa: F401 (re-exported)
 from .modes import Levels, get_mode
 from .parameterization import (
     SIGMA_DATA,
@@ -34,89 +34,13 @@ from .parameterization import (
     inverse_gap_weight,
     karras_sigma_at,
     lognormal_index_probs,
-    pseudo_huber_c,
+    trigflow_data_tangent,
+    trigflow_sigma,
+    trigflow_t,
+    trigflow_tangent_from_denoised,
+    trigflow_time_input,
     truncated_lognormal_sigmas,
 )
-
-# ----------------------------------------------------------------------------------------------------------------
-# Distances: (B, ...) x (B, ...) -> (B,), one value per sample
-
-
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(x.shape[0], -1)
-
-
-def l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean squared difference per sample (the paper's l2 metric)."""
-    return _flat(a - b).square().mean(dim=1)
-
-
-def l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean absolute difference per sample."""
-    return _flat(a - b).abs().mean(dim=1)
-
-
-class PseudoHuber:
-    """iCT's pseudo-Huber distance sqrt(||a - b||_2^2 + c^2) - c on the per-sample L2 norm (not elementwise)."""
-
-    def __init__(self, c: Optional[float] = None):
-        self.c = c  # None: iCT's c = 0.00054 sqrt(d), d = values per sample
-
-    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        c = pseudo_huber_c(a[0].numel()) if self.c is None else self.c
-        return torch.sqrt(_flat(a - b).square().sum(dim=1) + c**2) - c
-
-
-# The torchvision ImageNet backbones that `lpips` loads; torchvision would download them, which cannot happen here.
-LPIPS_BACKBONE_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
-
-
-class LPIPS:
-    """LPIPS (Zhang et al. 2018) as the CD/CT paper used it: inputs upsampled to 224 px, gray repeated to RGB."""
-
-    def __init__(self, net: str = "vgg", device=None):
-        try:
-            import lpips
-        except ImportError as err:
-            raise ImportError(
-                "--loss_type lpips needs the `lpips` package (`pip install lpips`) and the torchvision backbone "
-                f"weights {LPIPS_BACKBONE_FILES[net]} in {self.checkpoint_dir()}. Without them use --loss_type "
-                "pseudo_huber (the default; iCT shows it matches LPIPS without its bias)."
-            ) from err
-        weights = os.path.join(self.checkpoint_dir(), LPIPS_BACKBONE_FILES[net])
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(
-                f"--loss_type lpips needs the torchvision {net} backbone weights at {weights}; they cannot be "
-                "downloaded on this machine. Copy the file there (set TORCH_HOME to use another folder) or use "
-                "--loss_type pseudo_huber."
-            )
-        self.model = lpips.LPIPS(net=net, verbose=False).eval().requires_grad_(False).to(device)
-
-    @staticmethod
-    def checkpoint_dir() -> str:
-        return os.path.join(torch.hub.get_dir(), "checkpoints")
-
-    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if a.shape[1] == 1:
-            a, b = a.repeat(1, 3, 1, 1), b.repeat(1, 3, 1, 1)
-        if a.shape[-1] < 224:
-            a = torch.nn.functional.interpolate(a, size=224, mode="bilinear", align_corners=False)
-            b = torch.nn.functional.interpolate(b, size=224, mode="bilinear", align_corners=False)
-        return self.model.to(a.device)(a, b).reshape(a.shape[0])
-
-
-def make_distance(loss_type: str, huber_c: Optional[float] = None, device=None) -> Callable:
-    """The distance named by `--loss_type`: l2, l1, pseudo_huber (c = 0.00054 sqrt(d) unless given) or lpips."""
-    if loss_type == "l2":
-        return l2
-    if loss_type == "l1":
-        return l1
-    if loss_type == "pseudo_huber":
-        return PseudoHuber(huber_c)
-    if loss_type == "lpips":
-        return LPIPS(device=device)
-    raise ValueError(f"Unknown loss_type {loss_type!r}; choose l2, l1, pseudo_huber or lpips.")
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # The schedule of a step, from the global step
@@ -357,6 +281,131 @@ class DenoiserLoss:
         return loss, {"sigma_mean": sigma.mean().detach(), "distance": distance.mean().detach()}
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Continuous-time consistency models (sCM, Lu & Song 2024) in TrigFlow: x_t = cos(t) x0 + sin(t) z, z ~ N(0, sigma_d^2)
+
+
+class TrigFlowTimes:
+    """sCM's times: sigma ~ lognormal(P_mean, P_std) on [sigma_min, sigma_max], t = arctan(sigma / sigma_d)."""
+
+    def __init__(self, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, sigma_data=SIGMA_DATA, p_mean=-1.0, p_std=1.4):
+        self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
+        self.p_mean, self.p_std = p_mean, p_std
+
+    def __call__(self, batch_size: int, levels: Levels, device=None, generator=None) -> torch.Tensor:
+        u = torch.rand(batch_size, dtype=torch.float64, generator=generator)
+        sigma = truncated_lognormal_sigmas(u, self.p_mean, self.p_std, self.sigma_min, self.sigma_max)
+        return trigflow_t(sigma, self.sigma_data).float().to(device)
+
+
+class DataTangent:
+    """sCT: the tangent of the PF-ODE estimated by the data point, dx_t/dt = cos(t) z - sin(t) x0."""
+
+    def __call__(self, x_t, t, sample, noise, class_labels=None):
+        return trigflow_data_tangent(sample, noise, t)
+
+
+class TeacherTangent:
+    """sCD: the teacher's PF-ODE tangent dx_t/dt = sigma_d F_teacher = (cos(t) x_t - D(x_t / cos t, sigma_d tan t)) /
+    sin(t), with D any denoiser of `cm_diffusers.teachers` (EDM or DDPM), in float32."""
+
+    def __init__(self, teacher: Callable, clip_denoised: bool = False, sigma_data: float = SIGMA_DATA):
+        self.teacher, self.clip_denoised, self.sigma_data = teacher, clip_denoised, sigma_data
+
+    def __call__(self, x_t, t, sample, noise, class_labels=None):
+        sigma = trigflow_sigma(t, self.sigma_data).reshape(-1)
+        denoised = teacher_denoised(self.teacher, x_t / torch.cos(t), sigma, class_labels, self.clip_denoised)
+        return trigflow_tangent_from_denoised(x_t, t, denoised)
+
+
+class LogVarianceHead(torch.nn.Module):
+    """sCM's adaptive weighting: a learned log-variance w(t) over time (a linear map of a sinusoidal embedding of
+    1000 t, zero at the start). It trains with the student and is saved in the training checkpoints only."""
+
+    def __init__(self, channels: int = 64):
+        super().__init__()
+        self.channels = channels
+        self.linear = torch.nn.Linear(channels, 1)
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        from diffusers.models.embeddings import get_timestep_embedding
+
+        embedding = get_timestep_embedding(1000.0 * t.float(), self.channels, flip_sin_to_cos=True,
+                                           downscale_freq_shift=0)  # fmt: skip
+        return self.linear(embedding.to(self.linear.weight.dtype)).reshape(-1).float()
+
+
+class TrigFlowConsistencyLoss(torch.nn.Module):
+    """sCT / sCD (Lu & Song 2024, Algorithm 1): one loss, the tangent estimator is the only difference.
+
+        (F-, dF-) = jvp(F_theta-, (x_t / sigma_d, t), (cos t sin t dx_t/dt / sigma_d, cos t sin t))
+        g = -cos^2(t) (sigma_d F- - dx_t/dt) - r (cos t sin t x_t + sigma_d dF-),   g <- g / (||g|| + c)
+        loss = e^{-w(t)} ||F_theta - F- - g||^2 / D + w(t)    (w: `LogVarianceHead`; optional prior 1/(sigma_d tan t))
+
+    g is cos(t) df/dt along the PF-ODE, so the gradient is that of the continuous-time consistency objective; r is the
+    tangent warm-up of `Levels.tangent_warmup`. The JVP runs on `target` (the unwrapped network: forward-mode AD
+    through a DDP wrapper would bypass its gradient hooks) and the gradient flows through `student` (the wrapper).
+
+    Args:
+        tangent: (x_t, t, x0, z, class_labels) -> dx_t/dt (`DataTangent`, `TeacherTangent`).
+        sample_times: (batch_size, levels, device) -> t of shape (B,) (`TrigFlowTimes`).
+        sigma_data: sigma_d. time_input: the network's c_noise(t) (`parameterization.TRIGFLOW_TIME_INPUTS`).
+        adaptive_weighting: learn w(t) (`log_variance`); prior_weighting: weight by 1 / (sigma_d tan t).
+        tangent_norm_c: c of the tangent normalisation (0: none).
+    """
+
+    def __init__(self, tangent, sample_times, sigma_data=SIGMA_DATA, time_input="t", adaptive_weighting=True,
+                 prior_weighting=False, tangent_norm_c=0.1):  # fmt: skip
+        super().__init__()
+        self.tangent, self.sample_times = tangent, sample_times
+        self.sigma_data, self.time_input = sigma_data, time_input
+        self.log_variance = LogVarianceHead() if adaptive_weighting else None
+        self.prior_weighting, self.tangent_norm_c = prior_weighting, tangent_norm_c
+
+    def forward(self, student: Callable, target: Callable, sample: torch.Tensor, levels: Levels, class_labels=None):
+        """Returns the loss (float32 scalar) and detached statistics, like `ConsistencyLoss`."""
+        sigma_d = self.sigma_data
+        t = self.sample_times(sample.shape[0], levels, device=sample.device)
+        t_b = append_dims(t, sample.ndim)
+        cos_t, sin_t = torch.cos(t_b), torch.sin(t_b)
+        noise = torch.randn_like(sample) * sigma_d
+        x_t = cos_t * sample + sin_t * noise
+        with torch.no_grad():
+            dxt_dt = self.tangent(x_t, t_b, sample, noise, class_labels).float()
+
+        def network(x_in, time):
+            return target(x_in, trigflow_time_input(time, self.time_input, sigma_d), class_labels=class_labels)
+
+        # the student below draws the same dropout masks as the JVP of the stop-gradient network
+        tangents = (cos_t * sin_t * dxt_dt / sigma_d, (cos_t * sin_t).reshape(-1))
+        with shared_dropout(sample.device), torch.no_grad():
+            F_minus, dF_minus = torch.func.jvp(network, (x_t / sigma_d, t), tangents)
+        F_theta = student(x_t / sigma_d, trigflow_time_input(t, self.time_input, sigma_d), class_labels=class_labels)
+        F_minus, dF_minus = F_minus.float(), dF_minus.float()
+        r = levels.tangent_warmup
+        g = -(cos_t**2) * (sigma_d * F_minus - dxt_dt) - r * (cos_t * sin_t * x_t + sigma_d * dF_minus)
+        g_norm = g.reshape(g.shape[0], -1).norm(dim=1)
+        if self.tangent_norm_c > 0:
+            g = g / (append_dims(g_norm, g.ndim) + self.tangent_norm_c)
+        distance = (F_theta.float() - F_minus - g).reshape(g.shape[0], -1).square().mean(dim=1)
+        if self.prior_weighting:
+            distance = distance / trigflow_sigma(t.float(), sigma_d)
+        if self.log_variance is not None:
+            log_variance = self.log_variance(t)
+            loss = (torch.exp(-log_variance) * distance + log_variance).mean()
+        else:
+            loss = distance.mean()
+        logs = {"t_mean": t.mean(), "tangent_norm": g_norm.mean(), "distance": distance.mean(),
+                "tangent_warmup": torch.tensor(float(levels.tangent_warmup), device=sample.device)}  # fmt: skip
+        return loss, {name: value.detach().float() for name, value in logs.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A mode's loss, from the parts its record names
+
+
 def build_loss(
     mode: str,
     distance: Callable,
@@ -379,10 +428,15 @@ def build_loss(
                     sigma_max=sigma_max, sigma_data=sigma_data, rho=rho, p_mean=p_mean, p_std=p_std, q=q, k=k, b=b,
                     **mode_settings)  # fmt: skip
     record = get_mode(mode)
-    if ESTIMATOR_NEEDS_TEACHER.get(record.estimator) and teacher is None:
+    if record.estimator in NEEDS_TEACHER and teacher is None:
         raise ValueError(f"--mode {mode} distills a teacher: pass --teacher_model_name_or_path.")
     next_point = ESTIMATORS[record.estimator](teacher, settings)
     sampler = SAMPLERS[record.sampler](settings)
+    if record.loss == "trigflow":
+        return TrigFlowConsistencyLoss(next_point, sampler, sigma_data, settings.get("time_input", "t"),
+                                       record.weighting == "adaptive" and settings.get("adaptive_weighting", True),
+                                       settings.get("prior_weighting", False),
+                                       settings.get("tangent_norm_c", 0.1))  # fmt: skip
     return ConsistencyLoss(next_point, sampler, distance, WEIGHTINGS[record.weighting], sigma_min, sigma_data)
 
 
@@ -390,13 +444,18 @@ def build_loss(
 ESTIMATORS = {
     "teacher_ode_step": lambda teacher, s: TeacherODEStep(teacher, s["ode_solver"], s["teacher_clip_denoised"]),
     "data_point": lambda teacher, s: DataPointStep(),
+    "teacher_tangent": lambda teacher, s: TeacherTangent(teacher, s["teacher_clip_denoised"], s["sigma_data"]),
+    "data_tangent": lambda teacher, s: DataTangent(),
 }
-ESTIMATOR_NEEDS_TEACHER = {"teacher_ode_step": True}
+NEEDS_TEACHER = ("teacher_ode_step", "teacher_tangent")
 SAMPLERS = {
     "karras_grid": lambda s: KarrasGridPairs(s["sigma_min"], s["sigma_max"], s["rho"], p_mean=s["p_mean"],
                                              p_std=s["p_std"]),  # fmt: skip
     "karras_grid_lognormal": lambda s: KarrasGridPairs(s["sigma_min"], s["sigma_max"], s["rho"], lognormal=True,
                                                        p_mean=s["p_mean"], p_std=s["p_std"]),  # fmt: skip
     "ect_pairs": lambda s: ECTPairs(s["sigma_min"], s["sigma_max"], s["p_mean"], s["p_std"], s["q"], s["k"], s["b"]),
+    "trigflow_lognormal": lambda s: TrigFlowTimes(s["sigma_min"], s["sigma_max"], s["sigma_data"], s["p_mean"],
+                                                  s["p_std"]),  # fmt: skip
 }
-WEIGHTINGS = {"unit": unit_weight, "inverse_gap": inverse_gap_weight}
+# sigma_n, sigma_{n+1} -> lambda for the discrete loss; "adaptive" is sCM's learned log-variance (`LogVarianceHead`)
+WEIGHTINGS = {"unit": unit_weight, "inverse_gap": inverse_gap_weight, "adaptive": LogVarianceHead}

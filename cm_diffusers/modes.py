@@ -40,7 +40,8 @@ class Mode(NamedTuple):
     levels: Callable  # (curriculum, step) -> Levels: the schedule of one step
     target_ema: Callable  # (curriculum) -> whether the target network is an EMA copy (else stop-grad of online)
     card_settings: Callable  # (args, final Levels) -> {name: value} for the card's training table
-    sampling: str  # "grid": sampled by grid `timesteps`; "sigmas": trained on continuous levels, sampled by sigmas
+    sampling: str  # "grid": sampled by grid `timesteps`; "sigmas": continuous levels, sampled by sigmas; "trigflow"
+    loss: str = "consistency"  # "consistency": the discrete loss (`losses.ConsistencyLoss`); "trigflow": sCM's
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -64,8 +65,29 @@ def _ect_levels(curriculum, step) -> Levels:
     return Levels(0, 0.0, ect_stage(step, curriculum.total_steps, curriculum.num_stages))
 
 
+def _tangent_warmup(curriculum, step) -> Levels:
+    """sCM: r = min(1, step / H) over the first H = tangent_warmup_steps steps; no grid, no target EMA."""
+    warmup = curriculum.tangent_warmup_steps
+    return Levels(0, 0.0, tangent_warmup=min(1.0, step / warmup) if warmup > 0 else 1.0)
+
+
 def _never(curriculum) -> bool:
     return False
+
+
+def _scm_card_settings(args, final) -> dict:
+    settings = dict(p_mean=args.p_mean, p_std=args.p_std, time_input=args.time_input,
+                    tangent_warmup_steps=args.tangent_warmup_steps, tangent_norm_c=args.tangent_norm_c,
+                    adaptive_weighting=args.adaptive_weighting, prior_weighting=args.prior_weighting)  # fmt: skip
+    if args.mode == "scd":
+        settings.update(teacher_clip_denoised=args.teacher_clip_denoised)
+    return settings
+
+
+# sCM's squared L2 on F and its weighting, as the card names them
+_SCM_WEIGHTING = "squared L2 on F; e^{-w(t)}, w(t) a learned log-variance (see adaptive_weighting, prior_weighting)"
+_SCM_DEFAULTS = dict(learning_rate=1e-4, loss_type="l2", dropout=0.0, p_mean=-1.0, p_std=1.4, tangent_norm_c=0.1,
+                     tangent_warmup_steps=1000, adaptive_weighting=True, time_input="auto")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,6 +162,40 @@ MODES = {
         card_settings=lambda args, final: dict(p_mean=args.p_mean, p_std=args.p_std, q=args.ect_q, k=args.ect_k,
                                                b=args.ect_b, num_stages=args.ect_num_stages),  # fmt: skip
         sampling="sigmas",
+    ),
+    "sct": Mode(
+        tag="continuous-time-consistency-training",
+        description="continuous-time consistency training (sCT, Lu & Song 2024) in TrigFlow",
+        help="continuous-time CT (Lu & Song 2024): TrigFlow times, the JVP of the network along the data tangent "
+        "cos(t) z - sin(t) x0, tangent normalisation and warm-up, learned adaptive weighting",
+        teacher="optional",
+        defaults=dict(_SCM_DEFAULTS),
+        estimator="data_tangent",
+        sampler="trigflow_lognormal",
+        weighting="adaptive",
+        weighting_text=_SCM_WEIGHTING,
+        levels=_tangent_warmup,
+        target_ema=_never,
+        card_settings=_scm_card_settings,
+        sampling="trigflow",
+        loss="trigflow",
+    ),
+    "scd": Mode(
+        tag="continuous-time-consistency-distillation",
+        description="continuous-time consistency distillation (sCD, Lu & Song 2024) in TrigFlow",
+        help="continuous-time CD (Lu & Song 2024): as sct, with the teacher's PF-ODE tangent sigma_d F_teacher "
+        "(any EDM or DDPM teacher) in place of the data tangent",
+        teacher="distill",
+        defaults=dict(_SCM_DEFAULTS),
+        estimator="teacher_tangent",
+        sampler="trigflow_lognormal",
+        weighting="adaptive",
+        weighting_text=_SCM_WEIGHTING,
+        levels=_tangent_warmup,
+        target_ema=_never,
+        card_settings=_scm_card_settings,
+        sampling="trigflow",
+        loss="trigflow",
     ),
 }
 
