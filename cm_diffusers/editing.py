@@ -14,7 +14,6 @@ special case y = 0, Omega = 1 with given noise. The loop itself is `cm_diffusers
 `ConsistencyPipeline` as one call.
 """
 
-import math
 from typing import Callable, Sequence
 
 import numpy as np
@@ -24,6 +23,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .parameterization import SIGMA_MIN
 from .sampling import consistency_sample
+from .validation import validate_sigmas
 
 LUMA_WEIGHTS = (0.2989, 0.5870, 0.1140)
 # Stroke-guided editing levels of the paper's LSUN Bedroom experiments (sigma_max = 80); other models scale them.
@@ -254,7 +254,7 @@ def consistency_edit(
     _check_4d(y, "consistency_edit's reference `y`")
     if not (callable(getattr(transform, "forward", None)) and callable(getattr(transform, "inverse", None))):
         raise ValueError(f"`transform` needs `forward` and `inverse` methods, got {type(transform).__name__}.")
-    sigmas = _check_sigmas(sigmas, sigma_min)
+    sigmas = validate_sigmas(sigmas, sigma_min).tolist()
     if latents is not None and tuple(latents.shape) != tuple(y.shape):
         raise ValueError(f"`latents` have shape {tuple(latents.shape)}, but `y` has shape {tuple(y.shape)}.")
     _check_invertible(transform, y)
@@ -277,18 +277,6 @@ def consistency_edit(
 
     return consistency_sample(consistency_fn, latents.to(device=y.device, dtype=y.dtype), sigmas, sigma_min,
                               s_noise, clamp, randn=randn, start=y, project=project)
-
-
-def _check_sigmas(sigmas, sigma_min: float) -> list:
-    values = sigmas.tolist() if isinstance(sigmas, (torch.Tensor, np.ndarray)) else list(sigmas)
-    values = [float(s) for s in np.asarray(values, dtype=np.float64).reshape(-1)]
-    if not values or not all(math.isfinite(s) for s in values):
-        raise ValueError(f"`sigmas` must be a non-empty list of finite noise levels, got {values}.")
-    if any(b >= a for a, b in zip(values, values[1:])):
-        raise ValueError(f"`sigmas` must be strictly descending, got {values}.")
-    if values[-1] < sigma_min * (1 - 1e-6):
-        raise ValueError(f"`sigmas` must be >= sigma_min={sigma_min}, got {values}.")
-    return values
 
 
 def _check_invertible(transform, y: torch.Tensor):
