@@ -19,8 +19,9 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .files import write_text_atomic
 from .modes import MODES
-from .safety import redact_command, redact_text, write_text_atomic
+from .redaction import redact_command, redact_text
 
 logger = logging.getLogger(__name__)
 
