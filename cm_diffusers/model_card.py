@@ -102,7 +102,7 @@ def save_model_card(output_dir, **info) -> ModelCard:
         sample_grid_caption=_grid_caption(sampling),
         class_labels_arg=", class_labels=[0, 1, 2, 3]" if model["num_classes"] else "",
         diffusers_class_arg=", class_labels=0" if model["num_classes"] else "",
-        diffusers_runs=model["channels"] == 3 and model["square"],
+        diffusers_runs=model["channels"] == 3 and model["square"] and not model["trigflow"],
         multistep_call=_multistep_call(sampling),
         model=model,
         model_rows=_model_rows(model, (info.get("extra") or {}).get("sigma_max")),
@@ -243,6 +243,8 @@ def _describe_model(folder: Path) -> dict:
         "sigma_min": scheduler.get("sigma_min"),
         "sigma_max": scheduler.get("sigma_max"),
         "sigma_data": scheduler.get("sigma_data"),
+        "trigflow": scheduler.get("prediction_type") == "trigflow",  # a continuous-time (sCT / sCD) model
+        "time_input": scheduler.get("time_input"),
     }
 
 
@@ -278,10 +280,12 @@ def _model_rows(model: dict, trained_sigma_max=None) -> list:
         levels = f"sigma in [{model['sigma_min']}, {model['sigma_max']}]"
         if isinstance(trained_sigma_max, (int, float)) and trained_sigma_max > (model["sigma_max"] or 0):
             levels = f"sampled from {levels} (trained up to {trained_sigma_max})"
-        rows.append((
-            "noise levels",
-            f"{levels}, sigma_data {model['sigma_data']}, {model['num_train_timesteps']}-point Karras grid",
-        ))
+        grid = f"{model['num_train_timesteps']}-point Karras grid"
+        if model["trigflow"]:
+            t_max = math.atan(model["sigma_max"] / model["sigma_data"])
+            grid = (f"TrigFlow times t = arctan(sigma / sigma_data) up to t_max = {t_max:.5f}, network time input "
+                    f"{model['time_input']}")  # fmt: skip
+        rows.append(("noise levels", f"{levels}, sigma_data {model['sigma_data']}, {grid}"))
     return rows
 
 
@@ -421,7 +425,7 @@ def _limitations(info: dict, model: dict) -> list:
     if info.get("mode") and MODES[info["mode"]].teacher in ("distill", "init"):
         items.append("Its samples cannot be better than its teacher's; one-step samples are usually somewhat worse.")
     items.append("One-step samples are less detailed than multistep ones; a few steps trade speed for quality.")
-    if model["channels"] is not None and not (model["channels"] == 3 and model["square"]):
+    if model["channels"] is not None and not (model["channels"] == 3 and model["square"]) and not model["trigflow"]:
         items.append(
             "diffusers' own ConsistencyModelPipeline hard-codes 3-channel square images, so it loads but cannot "
             "sample this model; use cm_diffusers."

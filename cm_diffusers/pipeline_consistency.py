@@ -4,8 +4,14 @@ Loads OpenAI's converted Hub repos and diffusers' `ConsistencyModelPipeline` fol
 that plain `diffusers.DiffusionPipeline.from_pretrained` also loads (as diffusers' own `ConsistencyModelPipeline`):
 diffusers >= 0.40 refuses third-party class names in model_index.json, so `save_pretrained` writes the diffusers
 names of the (config-identical) scheduler and pipeline.
+
+Continuous-time models (sCT / sCD in TrigFlow, scheduler `TrigFlowSCMScheduler`) go through the same loop: their
+f(x_t, t) is evaluated in sigma space (x_t = cos(t) x_sigma, sigma = sigma_d tan t), where re-noising x0 to sigma is
+exactly TrigFlow's cos(t) x0 + sin(t) sigma_d z; their folders name a self-contained pipeline file
+(`trigflow_pipeline.py`) that plain diffusers runs with `trust_remote_code=True`.
 """
 
+import math
 import os
 import warnings
 from typing import Callable
@@ -21,14 +27,25 @@ from .model_index import (
     DIFFUSERS_PIPELINE_NAME,
     DIFFUSERS_SCHEDULER_NAME,
     SCHEDULER_NAMES,
+    TRIGFLOW_SCHEDULER_NAME,
     check_is_consistency_model,
     rewrite_json,
+    write_trigflow_pipeline_files,
 )
 from .networks import unet_forward
-from .parameterization import clamp_denoised, consistency_function, sigma_to_t
+from .parameterization import (
+    clamp_denoised,
+    consistency_function,
+    sigma_to_t,
+    trigflow_function,
+    trigflow_sigma,
+    trigflow_t,
+)
 from .pipeline_editing import ConsistencyEditingMixin
 from .sampling import consistency_sample, consistency_schedule
 from .scheduling_consistency import ConsistencyScheduler
+from .trigflow_pipeline import TrigFlowSCMScheduler
+from .validation import InputError, validate_sigmas
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -43,7 +60,9 @@ class ConsistencyPipeline(ConsistencyEditingMixin, DiffusionPipeline):
         unet ([`UNet2DModel`]): The network F of f(x, sigma) = c_skip x + c_out F(c_in x, t(sigma)); any number of
             channels, square or rectangular `sample_size`, optionally class-conditional (`num_class_embeds`).
         scheduler ([`ConsistencyScheduler`]): The sampler. diffusers' `CMStochasticIterativeScheduler` is accepted
-            and converted (their configs are identical).
+            and converted (their configs are identical). A [`TrigFlowSCMScheduler`] makes it a continuous-time
+            (TrigFlow) model: f(x_t, t) = cos(t) x_t - sin(t) sigma_d F(x_t / sigma_d, c_noise(t)), `timesteps` are
+            TrigFlow times t (descending), `sigmas` EDM levels sigma_d tan(t).
     """
 
     model_cpu_offload_seq = "unet"
@@ -51,7 +70,7 @@ class ConsistencyPipeline(ConsistencyEditingMixin, DiffusionPipeline):
 
     def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
         super().__init__()
-        if not isinstance(scheduler, ConsistencyScheduler):
+        if not isinstance(scheduler, (ConsistencyScheduler, TrigFlowSCMScheduler)):
             if type(scheduler).__name__ not in SCHEDULER_NAMES:
                 raise ValueError(
                     f"ConsistencyPipeline needs a ConsistencyScheduler (or diffusers' CMStochasticIterativeScheduler),"
@@ -79,6 +98,11 @@ class ConsistencyPipeline(ConsistencyEditingMixin, DiffusionPipeline):
         config_kwargs = {k: kwargs[k] for k in ("cache_dir", "token", "revision", "local_files_only") if k in kwargs}
         index = cls.load_config(path, **config_kwargs)
         check_is_consistency_model(index, str(pretrained_model_name_or_path))
+        if (index.get("scheduler") or [None, None])[1] == TRIGFLOW_SCHEDULER_NAME:
+            # its model_index names the folder's own code (for plain diffusers); ours is the same file, imported
+            unet = UNet2DModel.from_pretrained(path, subfolder="unet", **kwargs)
+            scheduler = TrigFlowSCMScheduler.from_pretrained(path, subfolder="scheduler", **config_kwargs)
+            return cls(unet=unet, scheduler=scheduler)
         try:
             return super().from_pretrained(path, **kwargs)
         except (OSError, ValueError) as error:
@@ -100,6 +124,17 @@ class ConsistencyPipeline(ConsistencyEditingMixin, DiffusionPipeline):
         kwargs.setdefault("safe_serialization", True)
         push_to_hub = kwargs.pop("push_to_hub", False)
         super().save_pretrained(save_directory, **kwargs)
+        if self.is_trigflow:  # plain diffusers samples it through the self-contained pipeline file it names
+            write_trigflow_pipeline_files(save_directory, type(self.unet).__name__)
+        else:
+            self._name_diffusers_classes(save_directory)
+        if push_to_hub:
+            from .hub import push_to_hub as push
+
+            return push(save_directory, kwargs.get("repo_id") or os.path.basename(os.path.abspath(save_directory)),
+                        token=kwargs.get("token"), private=kwargs.get("private", False))
+
+    def _name_diffusers_classes(self, save_directory):
         rewrite_json(os.path.join(save_directory, "model_index.json"), {
             "_class_name": DIFFUSERS_PIPELINE_NAME,
             "scheduler": ["diffusers", DIFFUSERS_SCHEDULER_NAME],
@@ -107,11 +142,16 @@ class ConsistencyPipeline(ConsistencyEditingMixin, DiffusionPipeline):
         })
         rewrite_json(os.path.join(save_directory, "scheduler", "scheduler_config.json"),
                       {"_class_name": DIFFUSERS_SCHEDULER_NAME})
-        if push_to_hub:
-            from .hub import push_to_hub as push
 
-            return push(save_directory, kwargs.get("repo_id") or os.path.basename(os.path.abspath(save_directory)),
-                        token=kwargs.get("token"), private=kwargs.get("private", False))
+    @property
+    def is_trigflow(self) -> bool:
+        """Whether the model is a continuous-time (TrigFlow) consistency model (sCT / sCD)."""
+        return isinstance(self.scheduler, TrigFlowSCMScheduler)
+
+    def boundary_sigma(self) -> float:
+        """The level where f is the identity: epsilon = sigma_min, or 0 for TrigFlow (f(x, 0) = x); re-noising x0
+        to sigma adds noise of std sqrt(sigma^2 - boundary^2)."""
+        return 0.0 if self.is_trigflow else self.scheduler.config.sigma_min
 
     # ------------------------------------------------------------------------------------------------------------
     # Building blocks shared by generation and editing
@@ -125,8 +165,28 @@ class ConsistencyPipeline(ConsistencyEditingMixin, DiffusionPipeline):
     def sampling_sigmas(self, num_inference_steps=None, timesteps=None, sigmas=None) -> torch.Tensor:
         """The descending noise levels a schedule evaluates the model at (one per NFE), validated; a pure function of
         the request and the scheduler config (the shared scheduler is not touched, so concurrent calls are safe)."""
+        if self.is_trigflow:
+            return torch.from_numpy(self._trigflow_schedule(num_inference_steps, timesteps, sigmas).astype(np.float32))
         schedule = consistency_schedule(self.scheduler.config, num_inference_steps, timesteps, sigmas)
         return torch.from_numpy(schedule.astype(np.float32))
+
+    def _trigflow_schedule(self, num_inference_steps=None, timesteps=None, sigmas=None) -> np.ndarray:
+        """A TrigFlow model's levels: `sigmas` as given, TrigFlow `timesteps` (or the scheduler's default times for
+        `num_inference_steps`) mapped to sigma = sigma_d tan(t); validated as every schedule is."""
+        config = self.scheduler.config
+        given = [name for name, value in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
+                                          ("sigmas", sigmas)) if value is not None]  # fmt: skip
+        if len(given) != 1:
+            raise InputError(f"Pass exactly one of `num_inference_steps`, `timesteps` or `sigmas`, got "
+                             f"{given or 'none'}.", given[1] if len(given) > 1 else "num_inference_steps")  # fmt: skip
+        if sigmas is None:
+            try:
+                times = self.scheduler.trigflow_times(num_inference_steps, timesteps)
+            except ValueError as error:
+                raise InputError(str(error), given[0]) from None
+            sigmas = trigflow_sigma(np.asarray(times, dtype=np.float64), config.sigma_data).tolist()
+        return np.clip(validate_sigmas(sigmas, config.sigma_min, config.sigma_max, field=given[0]), config.sigma_min,
+                       config.sigma_max)  # fmt: skip
 
     def consistency_function(self, sample: torch.Tensor, sigma, class_labels=None, clip_denoised=None) -> torch.Tensor:
         """
@@ -138,8 +198,14 @@ class ConsistencyPipeline(ConsistencyEditingMixin, DiffusionPipeline):
         sigma = sigma.expand(sample.shape[0]) if sigma.ndim == 0 else sigma
 
         network = unet_forward(self.unet, dtype=self._device_and_dtype()[1])
-        denoised = consistency_function(network, sample, sigma, config.sigma_min, config.sigma_data,
-                                        class_labels=class_labels)
+        if self.is_trigflow:  # f(x_t, t) at x_t = cos(t) x_sigma, t = arctan(sigma / sigma_d)
+            t = trigflow_t(sigma, config.sigma_data)
+            x_t = torch.cos(t).reshape(-1, *([1] * (sample.ndim - 1))).to(sample.dtype) * sample
+            denoised = trigflow_function(network, x_t, t, config.sigma_data, config.time_input,
+                                         class_labels=class_labels)  # fmt: skip
+        else:
+            denoised = consistency_function(network, sample, sigma, config.sigma_min, config.sigma_data,
+                                            class_labels=class_labels)
         return clamp_denoised(denoised, config.clip_denoised if clip_denoised is None else clip_denoised)
 
     def denoise_raw(self, sample: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
@@ -172,7 +238,10 @@ class ConsistencyPipeline(ConsistencyEditingMixin, DiffusionPipeline):
         def f(x, sigma):
             return self.consistency_function(x, sigma, class_labels, clip_denoised=False)
 
-        return consistency_sample(f, latents, sigmas, config.sigma_min, config.s_noise, config.clip_denoised,
+        if self.is_trigflow:  # TrigFlow starts at x_t = sigma_d z, i.e. x_sigma = sqrt(sigma_d^2 + sigma^2) z
+            sigma_0 = float(sigmas[0])
+            latents = latents * (math.sqrt(config.sigma_data**2 + sigma_0**2) / sigma_0)
+        return consistency_sample(f, latents, sigmas, self.boundary_sigma(), config.s_noise, config.clip_denoised,
                                   randn=randn, callback=callback)
 
     def prepare_class_labels(self, batch_size: int, class_labels=None, generator=None, device=None):
@@ -317,7 +386,8 @@ class ConsistencyPipeline(ConsistencyEditingMixin, DiffusionPipeline):
 
         # 2. Noise levels: a validated schedule as a value; the shared scheduler is not mutated
         sigma_schedule = self.sampling_sigmas(num_inference_steps, timesteps, sigmas)
-        schedule_timesteps = torch.from_numpy(sigma_to_t(sigma_schedule.double().numpy())).to(device, torch.float32)
+        to_time = (lambda s: trigflow_t(s, self.scheduler.config.sigma_data)) if self.is_trigflow else sigma_to_t
+        schedule_timesteps = torch.from_numpy(to_time(sigma_schedule.double().numpy())).to(device, torch.float32)
         self._num_timesteps = len(sigma_schedule)
 
         # 3. Initial noise z (scaled by sigma_0 in the loop) and class labels

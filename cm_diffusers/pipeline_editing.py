@@ -118,7 +118,9 @@ class ConsistencyEditingMixin:
         return tensor.to(device=device, dtype=dtype)
 
     def _edit_sigmas(self, num_inference_steps, timesteps, sigmas, default_steps=DEFAULT_EDIT_STEPS) -> torch.Tensor:
-        if num_inference_steps is None and timesteps is None and sigmas is None:
+        if num_inference_steps is None and timesteps is None and sigmas is None and self.is_trigflow:
+            num_inference_steps = default_steps  # TrigFlow times spread evenly over (0, t_max]
+        elif num_inference_steps is None and timesteps is None and sigmas is None:
             # Spread the default levels over the whole grid (diffusers' N // k spacing would use only its top half
             # when k > N / 2), leaving out the end point sigma_min where f is the identity.
             n_train = self.scheduler.config.num_train_timesteps
@@ -143,7 +145,7 @@ class ConsistencyEditingMixin:
 
         config = self.scheduler.config
         sample = consistency_edit(
-            consistency_fn, y, transform, mask, sigmas, generator=call.generator, sigma_min=config.sigma_min,
+            consistency_fn, y, transform, mask, sigmas, generator=call.generator, sigma_min=self.boundary_sigma(),
             s_noise=config.s_noise, **edit_kwargs,
         )
         images = self.postprocess(sample, call.output_type)

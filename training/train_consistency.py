@@ -60,6 +60,7 @@ from cm_diffusers.training.consistency import (  # noqa: E402
     build_student,
     load_teacher_for,
     log_validation,
+    loss_modules,
     pipeline_scheduler,
     save_pipeline,
 )
@@ -177,8 +178,10 @@ def parse_args(argv=None):
     group.add_argument(
         "--mu0", type=float_in(0, 1, high_open=True), default=None, help="ct: target EMA rate at N = s0 (0.9)."
     )
-    group.add_argument("--p_mean", type=finite_float, default=-1.1, help="ict/ect: mean of ln sigma.")
-    group.add_argument("--p_std", type=positive_float, default=2.0, help="ict/ect: std of ln sigma.")
+    group.add_argument("--p_mean", type=finite_float, default=None,
+                       help="ict/ect/sct/scd: mean of ln sigma (-1.1; sct/scd -1.0).")
+    group.add_argument("--p_std", type=positive_float, default=None,
+                       help="ict/ect/sct/scd: std of ln sigma (2.0; sct/scd 1.4).")
     group.add_argument(
         "--ect_q",
         type=float_at_least(1, strict=True),
@@ -204,6 +207,23 @@ def parse_args(argv=None):
         "measure 1-step FID from a lower start with `cm-diffusers evaluate --sigmas`, then set it here.",
     )
 
+    group = parser.add_argument_group("continuous time (sct, scd)")
+    group.add_argument("--time_input", type=str, default=None, choices=["auto", "t", "log_sigma", "edm_log_sigma"],
+                       help="The network's time input c_noise(t): t (1000 t, the sCM paper's choice), log_sigma (250 "
+                       "ln sigma, the consistency models' and our EDM teacher's) or edm_log_sigma (0.25 ln sigma, "
+                       "diffusers' EDM). auto: the EDM teacher's when the student starts from its weights (exact "
+                       "start), else t.")
+    group.add_argument("--tangent_warmup_steps", type=non_negative_int, default=None,
+                       help="H: the tangent's second term is scaled by r = min(1, step / H) (1000).")
+    group.add_argument("--tangent_norm_c", type=non_negative_float, default=None,
+                       help="Tangent normalisation g / (||g|| + c) (0.1; 0: none).")
+    group.add_argument("--adaptive_weighting", action=argparse.BooleanOptionalAction, default=None,
+                       help="Learn the log-variance weighting w(t) (default on); saved in checkpoints, not in the "
+                       "pipeline.")
+    group.add_argument("--prior_weighting", action="store_true",
+                       help="Weight the loss by 1 / (sigma_d tan t) (the paper's prior weighting; unstable at small "
+                       "scale).")
+
     add_optimization_args(parser, learning_rate=None, optimizers=("radam", "adamw"),
                           learning_rate_help="Peak learning rate (cd/ct 4e-4, ict/ect 1e-4).")
     parser.add_argument("--ema_decay", type=float_in(0, 1, high_open=True), default=0.9999,
@@ -215,6 +235,15 @@ def parse_args(argv=None):
     for name, value in mode.defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    args.p_mean = -1.1 if args.p_mean is None else args.p_mean  # ict/ect and the denoiser warm-up
+    args.p_std = 2.0 if args.p_std is None else args.p_std
+    if mode.loss == "trigflow":
+        for flag, given in (("--denoiser_warmup_steps", args.denoiser_warmup_steps),
+                            ("--student_model_name_or_path", args.student_model_name_or_path)):
+            if given:
+                parser.error(f"{flag} is not available in --mode {args.mode} (TrigFlow parameterization).")
+        if args.loss_type != "l2":
+            parser.error(f"--mode {args.mode} trains with squared L2 on F (sCM); drop --loss_type {args.loss_type}.")
     if mode.teacher in ("distill", "init") and args.teacher_model_name_or_path is None:
         parser.error(f"--mode {args.mode} starts from a diffusion model: pass --teacher_model_name_or_path.")
     if args.teacher_model_name_or_path is not None:
@@ -277,19 +306,21 @@ def main(args):
     target_unet = copy.deepcopy(unet).requires_grad_(False) if curriculum.uses_target_ema else None
     ema = make_ema(unet, args.ema_decay) if args.ema_decay > 0 else None
     loss_fn, warmup_loss_fn = build_losses(args, teacher, sigma_min, sigma_max, accelerator.device)
+    heads = [head.to(accelerator.device) for head in loss_modules(loss_fn)]  # sCM's learned weighting w(t)
     teacher = None  # the losses hold what they need; ect used only the weights, copied above
 
-    # 3. Optimizer and learning-rate schedule, Accelerate, resume
-    optimizer = build_optimizer(unet.parameters(), args)
+    # 3. Optimizer and learning-rate schedule, Accelerate, resume (heads: trained alongside, saved in checkpoints)
+    optimizer = build_optimizer([*unet.parameters(), *(p for head in heads for p in head.parameters())], args)
     lr_schedule = build_lr_schedule(optimizer, args)
     unet, optimizer, global_step = prepare_and_resume(accelerator, args, unet, optimizer, lr_schedule,
-                                                      registered=[target_unet, ema])
+                                                      registered=[target_unet, ema, *heads])
     batches = StepBatches(dataset, args, accelerator, global_step)
     raw_unet = accelerator.unwrap_model(unet)
     conditional = raw_unet.config.num_class_embeds is not None
     student = unet_forward(unet)
     target = unet_forward(target_unet if target_unet is not None else raw_unet)
     log = StepLog(accelerator, args, global_step, "train_consistency", batches)
+    trained = torch.nn.ModuleList([raw_unet, *heads]) if heads else raw_unet  # what every rank must hold alike
 
     # 4. The loop: load batch, sample levels, loss, backward, step, update target/EMA, log, checkpoint
     while global_step < args.max_train_steps:
@@ -304,7 +335,7 @@ def main(args):
             with accelerator.accumulate(unet):
                 with accelerator.autocast():
                     loss, stats = step_loss_fn(student, target, sample, levels, class_labels)
-                backward_and_step(accelerator, unet, optimizer, loss, args.max_grad_norm)
+                backward_and_step(accelerator, unet, optimizer, loss, args.max_grad_norm, unwrapped=heads)
             step_loss = step_loss + loss.detach() / args.gradient_accumulation_steps
         lr_schedule.step()
         if target_unet is not None:
@@ -319,15 +350,15 @@ def main(args):
         logged = dict(zip(["loss", *stats], torch.stack([mean_loss, *stats.values()]).float().tolist()))
         log(global_step, {**logged, "lr": lr_schedule.get_last_lr()[0], "num_scales": levels.num_scales,
                           "target_ema": levels.target_ema, "stage": levels.stage, "denoiser_warmup": int(warming_up)},
-            local_loss=step_loss, model=raw_unet, N=levels.num_scales)  # fmt: skip
+            local_loss=step_loss, model=trained, N=levels.num_scales)  # fmt: skip
         if is_due(args.checkpointing_steps, global_step):
-            checkpoint(accelerator, args, global_step, [raw_unet, target_unet], optimizer, ema,
+            checkpoint(accelerator, args, global_step, [raw_unet, target_unet, *heads], optimizer, ema,
                        probe=lambda: step_loss_fn(student, target, sample, levels, class_labels)[0])  # fmt: skip
         if is_due(args.validation_steps, global_step) and accelerator.is_main_process:
             log_validation(accelerator, raw_unet, ema, scheduler, schedules, args, global_step)
 
     # 5. Save the pipeline with the evaluation (EMA) weights, sample grids and the model card; only the main process
-    raise_if_diverged(accelerator, args, global_step, [raw_unet, target_unet], optimizer, ema)
+    raise_if_diverged(accelerator, args, global_step, [raw_unet, target_unet, *heads], optimizer, ema)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final_levels = curriculum(max(global_step - args.denoiser_warmup_steps, 0))

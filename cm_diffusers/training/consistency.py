@@ -11,12 +11,15 @@ from diffusers import UNet2DModel
 from diffusers.configuration_utils import FrozenDict
 
 from ..files import save_image_atomic
+from ..forward_ad import check_forward_ad, make_jvp_safe
 from ..images import image_grid
 from ..losses import Curriculum, DenoiserLoss, build_loss, make_distance
+from ..model_index import TRIGFLOW_PIPELINE_FILE
 from ..modes import MODES
-from ..parameterization import karras_sigmas
+from ..parameterization import karras_sigmas, trigflow_t
 from ..pipeline_consistency import ConsistencyPipeline
 from ..scheduling_consistency import ConsistencyScheduler
+from ..trigflow_pipeline import TrigFlowSCMScheduler
 from .checkpoints import save_pretrained_atomic
 from .runtime import default_unet_config
 
@@ -27,8 +30,11 @@ logger = logging.getLogger(__name__)
 
 
 def load_teacher_for(args, accelerator, weight_dtype):
-    """The teacher (or None) and the noise range the run uses: the flags' range clipped to the teacher's own."""
+    """The teacher (or None) and the noise range the run uses: the flags' range clipped to the teacher's own. Resolves
+    sct/scd's --time_input auto, which depends on the teacher."""
     if args.teacher_model_name_or_path is None:
+        if is_trigflow(args):
+            args.time_input = resolve_time_input(args, None)
         return None, args.sigma_min, args.sigma_max
     from ..teachers import load_teacher
 
@@ -38,7 +44,34 @@ def load_teacher_for(args, accelerator, weight_dtype):
     # the teacher knows nothing outside its own noise range
     sigma_min, sigma_max = max(args.sigma_min, float(teacher.sigma_min)), min(args.sigma_max, float(teacher.sigma_max))
     logger.info(f"Teacher {args.teacher_model_name_or_path} ({teacher.kind}): sigma in [{sigma_min}, {sigma_max}]")
+    if is_trigflow(args):
+        args.time_input = resolve_time_input(args, teacher)
+        logger.info(f"TrigFlow time input: {args.time_input}")
     return teacher, sigma_min, sigma_max
+
+
+def is_trigflow(args) -> bool:
+    return MODES[args.mode].loss == "trigflow"
+
+
+def resolve_time_input(args, teacher) -> str:
+    """--time_input of sct/scd; auto: the EDM teacher's own time input when the student starts from its weights (then
+    the student's f is exactly the teacher's D at the first step), else the paper's c_noise(t) = t (times 1000)."""
+    if args.time_input != "auto":
+        return args.time_input
+    starts_from_teacher = teacher is not None and not (args.no_teacher_init or args.unet_config)
+    return (teacher_time_input(teacher) if starts_from_teacher else None) or "t"
+
+
+def teacher_time_input(teacher):
+    """The TrigFlow name of an EDM teacher's time input (250 ln sigma or 0.25 ln sigma), else None."""
+    if teacher is None or teacher.kind != "edm":
+        return None
+    c_noise = float(teacher.scheduler.precondition_noise(torch.tensor(math.e))) * teacher.c_noise_scale  # ln sigma = 1
+    for name, value in (("log_sigma", 250.0), ("edm_log_sigma", 0.25)):
+        if math.isclose(c_noise, value, rel_tol=1e-5):
+            return name
+    return None
 
 
 def consistency_model_weights(name_or_path: str, sigma_data: float) -> tuple:
@@ -87,6 +120,8 @@ def build_student(args, teacher, dataset_classes, resolution: int, channels: int
         try:
             unet.load_state_dict(teacher.unet.state_dict())
             logger.info("Student initialised from the teacher's UNet.")
+            if is_trigflow(args):
+                trigflow_from_teacher(unet, teacher, args.time_input)
         except RuntimeError:
             logger.warning("The student's architecture differs from the teacher's: random initialisation.")
     size = unet.config.sample_size
@@ -106,13 +141,35 @@ def build_student(args, teacher, dataset_classes, resolution: int, channels: int
         )
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if is_trigflow(args):  # torch.func.jvp through the student: attention and time embedding that support it
+        replaced = make_jvp_safe(unet)
+        if replaced:
+            logger.info(f"Attention processors {replaced} replaced by JVPAttnProcessor: fused attention kernels have "
+                        "no forward-mode AD. The time embedding runs in float32.")
+        check_forward_ad(unet, (1, channels, resolution, resolution))
     return unet.train()
 
 
+def trigflow_from_teacher(unet, teacher, time_input: str):
+    """An EDM network F_edm is the TrigFlow network F = -F_edm (v-prediction: +F_edm) at the same time input: negating
+    the last convolution makes the student's f exactly the teacher's D when the time inputs match."""
+    if teacher.kind != "edm":
+        logger.warning(f"The student starts from a {teacher.kind} teacher's weights: its output means something else "
+                       "in TrigFlow; the features transfer, the head is relearnt.")
+        return
+    if teacher.prediction_type == "epsilon":
+        with torch.no_grad():
+            unet.conv_out.weight.neg_()
+            unet.conv_out.bias.neg_()
+    exact = teacher_time_input(teacher) == time_input
+    logger.info("Student = TrigFlow form of the teacher (F = -F_edm)" + (", exactly (same time input)." if exact else
+                f"; time input {time_input} differs from the teacher's, so only the features transfer."))
+
+
 def build_curriculum(args) -> Curriculum:
-    """N(k), mu(k) and the ECT stage as functions of the step after the denoiser warm-up."""
+    """N(k), mu(k), the ECT stage and sCM's tangent warm-up as functions of the step after the denoiser warm-up."""
     flags = dict(num_scales=args.num_scales, target_ema=args.target_ema_decay, s0=args.s0, s1=args.s1, mu0=args.mu0,
-                 num_stages=args.ect_num_stages)  # fmt: skip
+                 num_stages=args.ect_num_stages, tangent_warmup_steps=args.tangent_warmup_steps)  # fmt: skip
     flags = {name: value for name, value in flags.items() if value is not None}  # the mode's own flags
     return Curriculum(args.mode, args.max_train_steps - args.denoiser_warmup_steps, **flags)
 
@@ -136,12 +193,20 @@ def build_losses(args, teacher, sigma_min: float, sigma_max: float, device) -> t
     loss_fn = build_loss(args.mode, make_distance(args.loss_type, args.huber_c, device), teacher=distilled,
                          ode_solver=args.ode_solver,
                          teacher_clip_denoised=clip_denoised, rho=args.rho, q=args.ect_q, k=args.ect_k, b=args.ect_b,
+                         time_input=args.time_input, adaptive_weighting=args.adaptive_weighting,
+                         prior_weighting=args.prior_weighting, tangent_norm_c=args.tangent_norm_c,
                          **noise_levels)  # fmt: skip
     warmup_loss_fn = None
     if args.denoiser_warmup_steps:
         warmup_teacher = teacher if args.denoiser_warmup_target == "teacher" else None
         warmup_loss_fn = DenoiserLoss(warmup_teacher, clip_denoised=clip_denoised, **noise_levels)
     return loss_fn, warmup_loss_fn
+
+
+def loss_modules(loss_fn) -> list:
+    """The trained parts of a loss (sCM's log-variance head): optimised with the student, saved in checkpoints."""
+    head = getattr(loss_fn, "log_variance", None)
+    return [head] if head is not None else []
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -152,6 +217,11 @@ def pipeline_scheduler(args, curriculum: Curriculum, sigma_min: float, sigma_max
     """The scheduler of the saved pipeline (the grid of the final step; ect trains on continuous levels and gets the
     default 40-point grid, sampled by sigmas, starting at --sampling_sigma_max if given) and the 1-/2-step schedules
     it is sampled with."""
+    if is_trigflow(args):  # 1 step from t_max = arctan(sigma_max / sigma_d), 2 steps through t(--sigma_mid)
+        scheduler = TrigFlowSCMScheduler(sigma_data=args.sigma_data, sigma_min=sigma_min, sigma_max=sigma_max,
+                                         time_input=args.time_input,
+                                         intermediate_timesteps=float(trigflow_t(args.sigma_mid, args.sigma_data)))
+        return scheduler, {"1step": {"num_inference_steps": 1}, "2step": {"num_inference_steps": 2}}
     grid = MODES[args.mode].sampling == "grid"
     num_train_timesteps = curriculum(curriculum.total_steps).num_scales if grid else 40
     if not grid and args.sampling_sigma_max is not None:
@@ -212,6 +282,8 @@ def log_validation(accelerator, unet, ema, scheduler, schedules, args, global_st
 
 def describe_loss(args) -> str:
     weighting = MODES[args.mode].weighting_text
+    if is_trigflow(args):
+        return weighting
     distance = args.loss_type + (f" (c={args.huber_c})" if args.huber_c is not None else "")
     return f"{distance}, weighting {weighting}"
 
@@ -246,7 +318,9 @@ def save_pipeline(args, unet, ema, scheduler, schedules, final_levels, global_st
     unet._internal_dict = FrozenDict({key: value for key, value in unet.config.items() if key != "_name_or_path"})
     pipeline = ConsistencyPipeline(unet=unet, scheduler=scheduler)
     weight_bytes = sum(parameter.numel() * parameter.element_size() for parameter in unet.parameters())
-    save_pretrained_atomic(pipeline.save_pretrained, args.output_dir, needed_bytes=weight_bytes)  # all or nothing
+    code = (TRIGFLOW_PIPELINE_FILE,) if is_trigflow(args) else ()  # the pipeline file plain diffusers runs
+    components = ("unet", "scheduler", *code, "model_index.json")
+    save_pretrained_atomic(pipeline.save_pretrained, args.output_dir, components, weight_bytes)  # all or nothing
     pipeline.set_progress_bar_config(disable=True)
     for name, (grid, _) in sample_grids(pipeline, schedules, args.num_validation_images, args.seed).items():
         save_image_atomic(grid, os.path.join(args.output_dir, f"samples_{name}.png"))

@@ -148,10 +148,15 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def backward_and_step(accelerator, model, optimizer, loss, max_grad_norm: float):
+def backward_and_step(accelerator, model, optimizer, loss, max_grad_norm: float, unwrapped=()):
     """Backward, clipping on the micro-step that syncs gradients, the optimizer step (Accelerate skips it while
-    gradients accumulate), zeroed gradients."""
+    gradients accumulate), zeroed gradients. `unwrapped`: trained modules outside the DDP-wrapped `model` (sCM's
+    log-variance head), whose gradients are averaged over the ranks here as DDP averages the model's."""
     accelerator.backward(loss)
+    if accelerator.sync_gradients and accelerator.num_processes > 1:
+        for parameter in (p for module in unwrapped for p in module.parameters() if p.grad is not None):
+            torch.distributed.all_reduce(parameter.grad)
+            parameter.grad /= accelerator.num_processes
     if accelerator.sync_gradients and max_grad_norm > 0:
         accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
