@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from .distances import LPIPS, LPIPS_BACKBONE_FILES, PseudoHuber, l1, l2, make_distance  # noqa: F401 (re-exported)
+from .forward_ad import forward_ad_attention
 from .modes import Levels, get_mode
 from .parameterization import (
     SIGMA_DATA,
@@ -380,7 +381,7 @@ class TrigFlowConsistencyLoss(torch.nn.Module):
 
         # the student below draws the same dropout masks as the JVP of the stop-gradient network
         tangents = (cos_t * sin_t * dxt_dt / sigma_d, (cos_t * sin_t).reshape(-1))
-        with shared_dropout(sample.device), torch.no_grad():
+        with shared_dropout(sample.device), torch.no_grad(), forward_ad_attention():
             F_minus, dF_minus = torch.func.jvp(network, (x_t / sigma_d, t), tangents)
         F_theta = student(x_t / sigma_d, trigflow_time_input(t, self.time_input, sigma_d), class_labels=class_labels)
         F_minus, dF_minus = F_minus.float(), dF_minus.float()

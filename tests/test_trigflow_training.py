@@ -24,6 +24,7 @@ from cm_diffusers.forward_ad import (  # noqa: E402
     FP32TimestepEmbedding,
     JVPAttnProcessor,
     check_forward_ad,
+    forward_ad_attention,
     make_jvp_safe,
 )
 from cm_diffusers.losses import (  # noqa: E402
@@ -171,12 +172,18 @@ def test_unet_is_made_safe_for_forward_mode_ad():
         check_forward_ad(unet, (1, 1, 16, 16))
     replaced = make_jvp_safe(unet)
     assert replaced == {"AttnProcessor2_0": 4} and isinstance(unet.time_embedding, FP32TimestepEmbedding)
-    assert all(isinstance(m.processor, JVPAttnProcessor) for m in unet.modules() if hasattr(m, "processor"))
+    processors = [m.processor for m in unet.modules() if hasattr(m, "processor")]
+    assert all(isinstance(p, JVPAttnProcessor) and p.fused is not None for p in processors)  # no dropout: fused
+    with_dropout = make_tiny_unet(dropout=0.1)
+    make_jvp_safe(with_dropout)  # the fused kernel draws random numbers: classic attention outside the JVP too
+    assert all(m.processor.fused is None for m in with_dropout.modules() if hasattr(m, "processor"))
     check_forward_ad(unet, (1, 1, 16, 16))
     # the outputs do not change, nor does the state dict
     reference = make_tiny_unet()
     x, t = torch.randn(2, 1, 16, 16), torch.tensor([10.0, 500.0])
     torch.testing.assert_close(unet(x, t).sample, reference(x, t).sample, rtol=1e-5, atol=1e-5)
+    with forward_ad_attention():  # the classic attention the JVP runs through computes the same function
+        torch.testing.assert_close(unet(x, t).sample, reference(x, t).sample, rtol=1e-5, atol=1e-5)
     assert unet.state_dict().keys() == reference.state_dict().keys()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the time embedding stays in float32 under autocast
         assert unet.time_embedding(torch.randn(2, 16)).dtype == torch.float32
