@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Consistency distillation (CD) and consistency training (CT, iCT, ECT) of a UNet2DModel with Accelerate.
+"""Consistency distillation (CD, sCD) and consistency training (CT, iCT, ECT, sCT) of a UNet2DModel with Accelerate.
 
-One loop and one loss path for every mode (`cm_diffusers.losses.ConsistencyLoss`); a mode only changes where the
-next trajectory point comes from, how noise levels are drawn, the curriculum, the weighting and the default distance:
+One loop for every mode and one loss path per kind (`cm_diffusers.losses.ConsistencyLoss` for the discrete modes,
+`TrigFlowConsistencyLoss` for the continuous-time ones); a mode only changes where the target comes from, how noise
+levels or times are drawn, the curriculum, the weighting and the default distance:
 
     --mode cd   distill a diffusion teacher: one Heun/Euler PF-ODE step of the teacher (Song et al. 2023)
     --mode ct   train from data alone: x_hat_{n+1} = x + sigma_{n+1} z, curriculum N(k) and target EMA mu(k)
@@ -10,6 +11,12 @@ next trajectory point comes from, how noise levels are drawn, the curriculum, th
                 noise levels, doubling curriculum, no EMA target, dropout
     --mode ect  easy consistency tuning (Geng et al. 2024): start from a diffusion model's UNet, continuous sigma and
                 a gap sigma - r that shrinks stage by stage; the cheapest route to good 2-step samples
+    --mode sct  continuous-time CT (Lu & Song 2024) in TrigFlow: the JVP of the network along the data tangent
+                cos(t) z - sin(t) x0, normalised and warmed-up tangent, learned adaptive weighting
+    --mode scd  continuous-time CD: the same loss with the teacher's PF-ODE tangent (any EDM or DDPM teacher)
+
+Every mode is one record of `cm_diffusers.modes.MODES` (its estimator, levels or times, weighting, curriculum, flag
+defaults, card text); `--help` lists them from there.
 
 Examples (one GPU; several with `--multi_gpu --num_processes N`, which on a machine without CUDA forms a gloo group
 of CPU processes):
