@@ -289,6 +289,17 @@ def test_trigflow_flags_are_checked(tmp_path, edm_teacher):
             train_consistency.parse_args(flags + extra)
     with pytest.raises(SystemExit):  # scd distills: it needs a teacher
         train_consistency.parse_args(["--mode", "scd", "--output_dir", str(tmp_path)])
+    # a TrigFlow model is no student for a discrete mode: its weights mean another parameterization
+    from cm_diffusers.training.consistency import build_student
+    from cm_diffusers.trigflow_pipeline import TrigFlowSCMScheduler
+
+    trigflow = tmp_path / "trigflow"
+    ConsistencyPipeline(unet=make_tiny_unet(), scheduler=TrigFlowSCMScheduler()).save_pretrained(trigflow)
+    cd_args = train_consistency.parse_args(["--mode", "cd", "--output_dir", str(tmp_path / "x"),
+                                            "--teacher_model_name_or_path", str(edm_teacher),
+                                            "--student_model_name_or_path", str(trigflow)])  # fmt: skip
+    with pytest.raises(ValueError, match="continuous-time"):
+        build_student(cd_args, None, None, 16, 1)
     args = train_consistency.parse_args(flags + ["--no-adaptive_weighting", "--prior_weighting"])
     assert args.adaptive_weighting is False and args.prior_weighting and (args.p_mean, args.p_std) == (-1.0, 1.4)
 

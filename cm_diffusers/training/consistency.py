@@ -82,6 +82,10 @@ def consistency_model_weights(name_or_path: str, sigma_data: float) -> tuple:
     except ValueError as error:
         raise ValueError(f"--student_model_name_or_path: {error} (a diffusion model starts the student through "
                          "--teacher_model_name_or_path)") from None  # fmt: skip
+    if pipeline.is_trigflow:
+        raise ValueError(f"--student_model_name_or_path {name_or_path} is a continuous-time (TrigFlow) model: its "
+                         "network means F of f = cos(t) x_t - sin(t) sigma_d F, not the scalings of this mode's "
+                         "consistency function. Continue it by resuming its run (--resume_from_checkpoint).")
     trained_with = float(pipeline.scheduler.config.sigma_data)
     if not math.isclose(trained_with, sigma_data):
         raise ValueError(
