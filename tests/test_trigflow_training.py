@@ -375,3 +375,31 @@ def test_default_unet_config_runs_forward_ad():
     check_forward_ad(unet, (1, 1, 16, 16))
     network = unet_forward(unet)
     assert network(torch.randn(1, 1, 16, 16), torch.tensor([3.0])).shape == (1, 1, 16, 16)
+
+
+def test_scd_student_starts_as_the_shipped_edm_teacher(tmp_path):
+    """The shipped fashion-mnist-edm (time input 250 ln sigma): --time_input auto gives log_sigma and a student whose
+    f equals the teacher's D up to float rounding at every noise level; with the paper's t the start is far off."""
+    from accelerate import Accelerator
+
+    from cm_diffusers.training.consistency import build_student, load_teacher_for
+    from cm_diffusers.trigflow_pipeline import TrigFlowSCMScheduler
+
+    gaps = {}
+    for time_input in ("auto", "t"):
+        args = train_consistency.parse_args(["--mode", "scd", "--output_dir", str(tmp_path), "--time_input",
+                                             time_input, "--teacher_model_name_or_path", "fashion-mnist-edm"])
+        teacher, _, _ = load_teacher_for(args, Accelerator(cpu=True), torch.float32)
+        student = build_student(args, teacher, None, 28, 1).eval()
+        scheduler = TrigFlowSCMScheduler(sigma_data=args.sigma_data, time_input=args.time_input)
+        pipe = ConsistencyPipeline(unet=student, scheduler=scheduler)
+        torch.manual_seed(0)
+        x0 = torch.rand(8, 1, 28, 28) * 2 - 1
+        for sigma in (0.05, 0.5, 2.0, 20.0, 80.0):
+            x = x0 + sigma * torch.randn_like(x0)
+            levels = torch.full((8,), sigma)
+            with torch.no_grad():
+                f, d = pipe.consistency_function(x, levels, clip_denoised=False), teacher(x, levels)
+            gaps[args.time_input, sigma] = float((f - d).norm() / d.norm())
+    assert max(gap for (time_input, _), gap in gaps.items() if time_input == "log_sigma") < 1e-4
+    assert min(gap for (time_input, _), gap in gaps.items() if time_input == "t") > 1e-2
