@@ -127,7 +127,7 @@ def test_sampling_loop_never_synchronises_and_a_call_at_most_once(shipped_pipe, 
     sigmas = pipe.sampling_sigmas(4).tolist()
 
     def loop():
-        consistency_sample(lambda x, sigma: pipe.denoise_raw(x, sigma), latents, sigmas, randn=lambda shape:
+        consistency_sample(pipe.consistency_function, latents, sigmas, randn=lambda shape:
                            torch.randn(shape, device=DEVICE, generator=cuda_generator(2)))
 
     if ON_CUDA:  # the loop itself: any synchronising call raises
