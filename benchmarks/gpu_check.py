@@ -240,7 +240,7 @@ def throughput_summary(ctx):
 
 def recipe_env(ctx, name):
     """The recipe's knobs: the full run keeps the recipe's own sizes; --quick shrinks everything."""
-    env = {"OUT": ctx.model(name), "PYTHON": ctx.python}
+    env = {"OUT": ctx.model(name)}
     if name != "teacher":
         env["TEACHER"] = ctx.model("teacher")
     if ctx.quick:
@@ -775,7 +775,9 @@ def main(argv=None):
     os.makedirs(ctx.work, exist_ok=True)
     if ctx.quick:
         write_quick_data(ctx)
-    base_env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    # the recipes' `accelerate` is the one beside this interpreter (a venv's, when `make gpu-check` runs it)
+    base_env = {**os.environ, "PATH": os.path.dirname(ctx.python) + os.pathsep + os.environ.get("PATH", ""),
+                "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                 "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "DIFFUSERS_VERBOSITY": "error",
                 "TQDM_MININTERVAL": "10"}
     if ctx.quick and not ctx.cuda:

@@ -6,7 +6,8 @@
 # STEPS=3500 is sized from an estimate (~40 ms per step on an H200, launch-bound at this size), not a measurement: no
 # GPU has run it yet; read the step times in gpu_check's report and resize. The pipeline folder is written every
 # STEPS/4 steps, so a run stopped at its time limit still leaves a teacher. Resumable like the CPU recipes.
-# Knobs (environment): OUT, DATA (the data flags), UNET, BATCH, STEPS, PRECISION, WORKERS, PYTHON.
+# Knobs (environment): OUT, DATA (the data flags), UNET, BATCH, STEPS, PRECISION, WORKERS. Not common.sh's `launch`:
+# that is the CPU launch of the shipped models (no mixed precision, one thread).
 set -euo pipefail
 OUT=${OUT:-runs/gpu-fashion-mnist-edm}
 DATA=${DATA:---dataset_name fashion_mnist --resolution 28 --random_flip}
@@ -15,10 +16,9 @@ BATCH=${BATCH:-256}
 STEPS=${STEPS:-3500}
 PRECISION=${PRECISION:-bf16}
 WORKERS=${WORKERS:-4}
-PYTHON=${PYTHON:-python}
 SAVE=$(( (STEPS + 3) / 4 ))
-# $PYTHON and $DATA are split into words on purpose: an interpreter with arguments, several flags
-$PYTHON -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision "$PRECISION" \
+# $DATA is split into words on purpose (several flags)
+accelerate launch --num_processes 1 --num_machines 1 --mixed_precision "$PRECISION" \
   --dynamo_backend no training/train_diffusion.py $DATA --output_dir "$OUT" \
   --model_type edm --edm_time_input consistency --unet_config "$UNET" \
   --train_batch_size "$BATCH" --max_train_steps "$STEPS" --mixed_precision "$PRECISION" \
