@@ -59,7 +59,8 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 SHIPPED = "fashion-mnist-cd"
 MODEL_FOLDERS = {"teacher": "gpu-fashion-mnist-edm", "cd": "gpu-fashion-mnist-cd", "ect": "gpu-fashion-mnist-ect"}
 
-# Modes whose training throughput is measured (benchmarks/train_throughput.py --mode); a new mode is one entry here.
+# Modes whose training throughput is measured: a new mode (sCD) is one entry here, once train_throughput.py's MODES
+# has it (its flags and its floor).
 THROUGHPUT_MODES = ["cd", "ect"]
 # The full run's throughput cases, most wanted first: the part runs as many as its budget allows.
 THROUGHPUT_RUNS = [(mode, precision, batch) for batch, precision in ((256, "bf16"), (256, "no"), (512, "bf16"),
@@ -435,9 +436,9 @@ def serve_line(details):
 # The parts, in running order (budgets in seconds: full run, --quick)
 
 PARTS = [
-    Part("cuda_tests", "pytest -m cuda tests/test_cuda.py", 45, 120, cuda_tests_commands, cuda_tests_summary,
+    Part("cuda_tests", "pytest -m cuda tests/test_cuda.py", 55, 120, cuda_tests_commands, cuda_tests_summary,
          cuda_tests_line),
-    Part("sampling_speed", "sampling_speed.py: shipped + CIFAR-size UNet, batch 1/64/512, fp32/fp16", 50, 120,
+    Part("sampling_speed", "sampling_speed.py: shipped + CIFAR-size UNet, batch 1/64/512, fp32/fp16", 40, 120,
          sampling_commands, sampling_summary, sampling_line),
     Part("train_throughput", "train_throughput.py under accelerate: CD/ECT, fp32/bf16, batch 128-512", 75, 180,
          throughput_commands, throughput_summary, throughput_line),
@@ -543,6 +544,8 @@ def main(argv=None):
           f"budget {budget:.0f}")
     for part, limit in plan:
         print(f"  {part.name:17s} {limit:5.0f}  {part.description}")
+    if not cuda and not args.quick:
+        print("No CUDA device: the parts that need one will say so and skip (--quick runs tiny sizes on the CPU).")
     if args.plan:
         for part, _ in plan:
             print(f"\n[{part.name}]")

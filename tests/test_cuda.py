@@ -110,11 +110,10 @@ def count_synchronisations(fn) -> int:
             torch.cuda.set_sync_debug_mode("warn")
         try:
             fn()
-            if ON_CUDA:
-                torch.cuda.current_stream().synchronize()  # not counted (stream sync in this mode is not a warning)
         finally:
             if ON_CUDA:
                 torch.cuda.set_sync_debug_mode(previous)
+                torch.cuda.synchronize()  # after the counting: an explicit synchronize would count too
     return sum("synchronizing" in str(w.message) for w in caught)
 
 
@@ -125,10 +124,11 @@ def test_sampling_loop_never_synchronises_and_a_call_at_most_once(shipped_pipe, 
     pipe(batch_size=8, generator=cuda_generator(0), output_type="pt")  # warm-up: one-off allocations, kernel choice
     latents = torch.randn(8, 1, 28, 28, device=DEVICE, generator=cuda_generator(1))
     sigmas = pipe.sampling_sigmas(4).tolist()
+    noise = cuda_generator(2)
 
     def loop():
-        consistency_sample(pipe.consistency_function, latents, sigmas, randn=lambda shape:
-                           torch.randn(shape, device=DEVICE, generator=cuda_generator(2)))
+        consistency_sample(pipe.consistency_function, latents, sigmas,
+                           randn=lambda shape: torch.randn(shape, device=DEVICE, generator=noise))
 
     if ON_CUDA:  # the loop itself: any synchronising call raises
         torch.cuda.set_sync_debug_mode("error")
@@ -138,8 +138,9 @@ def test_sampling_loop_never_synchronises_and_a_call_at_most_once(shipped_pipe, 
             torch.cuda.set_sync_debug_mode(0)
     assert count_synchronisations(loop) == 0
 
+    generators = {steps: cuda_generator(3) for steps in (1, 4)}
     per_call = {steps: count_synchronisations(lambda: pipe(batch_size=8, num_inference_steps=steps,
-                                                           generator=cuda_generator(3), output_type="pt"))
+                                                           generator=generators[steps], output_type="pt"))
                 for steps in (1, 4)}
     record_property("syncs_per_call_1step", per_call[1])
     record_property("syncs_per_call_4steps", per_call[4])
