@@ -2,16 +2,16 @@
 # Consistency distillation of the GPU teacher (gpu-fashion-mnist-edm.sh; benchmarks/gpu_check.py runs this as its
 # part `cd`): N = 18 with Heun steps (the paper's CIFAR-10 setting), pseudo-Huber, stop-gradient target (mu = 0),
 # batch 256 in bf16, RAdam 4e-4 with a cosine decay, evaluation EMA 0.995; the student starts at the teacher's denoiser
-# (same architecture, consistency time input). STEPS=800 is sized from an estimate (~70 ms per step on an H200: a CD
-# step costs about two teacher steps), not a measurement. The pipeline is written at the end only: size STEPS to the
-# time limit. Knobs (environment): OUT, TEACHER (default: gpu-fashion-mnist-edm beside OUT, trained
-# first, with its own sizes, when missing), DATA, BATCH, STEPS, PRECISION, WORKERS.
+# (same architecture, consistency time input). STEPS=600 is sized from an estimate (50-80 ms per step on an H200: a CD
+# step costs about two teacher steps; gpu_check gives it 65 s), not a measurement. The pipeline is written at the end
+# only: size STEPS well inside the time limit. Knobs (environment): OUT, TEACHER (default: gpu-fashion-mnist-edm
+# beside OUT, trained first, with its own sizes, when missing), DATA, BATCH, STEPS, PRECISION, WORKERS.
 set -euo pipefail
 OUT=${OUT:-runs/gpu-fashion-mnist-cd}
 TEACHER=${TEACHER:-$(dirname "$OUT")/gpu-fashion-mnist-edm}
 DATA=${DATA:---dataset_name fashion_mnist --resolution 28 --random_flip}
 BATCH=${BATCH:-256}
-STEPS=${STEPS:-800}
+STEPS=${STEPS:-600}
 PRECISION=${PRECISION:-bf16}
 WORKERS=${WORKERS:-4}
 if [ ! -f "$TEACHER/model_index.json" ]; then  # one command: the teacher first, at its own STEPS and BATCH
