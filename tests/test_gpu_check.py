@@ -159,3 +159,22 @@ def test_every_command_of_the_full_plan_parses_with_its_scripts_own_parser(tmp_p
                 parsed.append(part.name)
     assert set(parsed) == set(gpu_check.PART_NAMES)
     assert parsed.count("train_throughput") == len(gpu_check.THROUGHPUT_RUNS)
+
+
+def test_an_optional_command_cut_at_the_time_limit_leaves_the_part_ok(tmp_path):
+    from types import SimpleNamespace
+
+    runner = load_script("gpu_check_runner", os.path.join(REPO, "benchmarks", "gpu_check_runner.py"))
+    (tmp_path / "logs").mkdir()
+    ctx = SimpleNamespace(cuda=False, quick=True, out=lambda *names: str(tmp_path.joinpath(*names)))
+    result = tmp_path / "measured.json"
+    commands = [runner.Command("measure", [sys.executable, "-c", f"open({str(result)!r}, 'w').write('[1]')"]),
+                runner.Command("more", [sys.executable, "-c", "import time; time.sleep(60)"], optional=True)]
+    part = runner.Part("demo", "a measurement, then an optional one that outlasts the limit", 3, 3,
+                       commands=lambda ctx: commands, summarize=lambda ctx: {"rows": json.loads(result.read_text())},
+                       line=lambda details: f"{len(details['rows'])} row")
+    record = runner.run_part(part, ctx, limit_s=3, inject=None, base_env=dict(os.environ))
+    assert record["status"] == "ok" and record["summary"] == "1 row", record
+    assert [c["name"] for c in record["commands"]] == ["measure"]
+    assert record["not_run"] and "cut at the part's time limit" in record["not_run"][0]
+    assert record["seconds"] < 15
