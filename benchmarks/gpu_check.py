@@ -16,8 +16,8 @@ runs out of time never stops the rest:
 Each part ends `ok`, `failed` (with the error) or `skipped` (with the reason: no CUDA device, a missing package or
 data, a part it needs that failed). Results: DIR/gpu_check.json and DIR/gpu_check.md (rewritten after every part, so
 a run cut short keeps what it measured) and every command's log in DIR/logs/. The trained pipelines go to --work_dir
-(runs/ by default: the recipes' own output folders) and into one archive there, gpu_check_models.tar (weights,
-configs, cards and sample grids; no checkpoints).
+(runs/ by default: the recipes' own output folders), and each into one archive beside its folder, e.g.
+runs/gpu-fashion-mnist-cd.tar (weights, configs, card and sample grids; no checkpoints: ~15 MiB).
 
     python benchmarks/gpu_check.py                  # the full check: about 10 minutes on one H200
     python benchmarks/gpu_check.py --plan           # the time plan and every command of the run; runs nothing
@@ -36,7 +36,6 @@ import tarfile
 import time
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
-from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_check_runner import (  # noqa: E402
@@ -460,20 +459,22 @@ PART_NAMES = [part.name for part in PARTS]
 # Main
 
 
-def archive_models(ctx) -> Optional[str]:
-    """The trained pipelines (weights, configs, cards, sample grids; no checkpoints or logs) in one tar file."""
-    names = [n for n in ("teacher", "cd", "ect") if os.path.isfile(os.path.join(ctx.model(n), "model_index.json"))]
-    if not names:
-        return None
-    path = os.path.join(ctx.work, "gpu_check_models.tar")
-    with tarfile.open(path, "w") as tar:
-        for name in names:
-            for root, dirs, files in os.walk(ctx.model(name)):
+def archive_models(ctx) -> list:
+    """Each trained pipeline (weights, configs, card, sample grids; no checkpoints or logs) as one tar file beside its
+    folder: one file per model to carry off a GPU machine."""
+    paths = []
+    for name, folder in MODEL_FOLDERS.items():
+        source = ctx.model(name)
+        if not os.path.isfile(os.path.join(source, "model_index.json")):
+            continue
+        paths.append(source + ".tar")
+        with tarfile.open(paths[-1], "w") as tar:
+            for root, dirs, files in os.walk(source):
                 dirs[:] = [d for d in dirs if not d.startswith(("checkpoint", "logs"))]
                 for file in files:
                     full = os.path.join(root, file)
-                    tar.add(full, arcname=os.path.join(MODEL_FOLDERS[name], os.path.relpath(full, ctx.model(name))))
-    return path
+                    tar.add(full, arcname=os.path.join(folder, os.path.relpath(full, source)))
+    return paths
 
 
 def parse_args(argv=None):
@@ -570,9 +571,9 @@ def main(argv=None):
     started = time.perf_counter()
     run_parts(plan, ctx, budget, args.inject, base_env, report)
     try:
-        report["models_archive"] = archive_models(ctx)
+        report["model_archives"] = archive_models(ctx)
     except OSError as error:
-        report["models_archive_error"] = str(error)
+        report["model_archives_error"] = str(error)
     report["seconds"] = round(time.perf_counter() - started, 1)
     write_reports(report, ctx.output)
     counts = {s: sum(r["status"] == s for r in report["parts"]) for s in ("ok", "failed", "skipped")}

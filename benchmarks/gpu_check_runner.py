@@ -280,8 +280,8 @@ def markdown(report) -> str:
             keys = list(rows[0])
             lines += ["", f"## {record['name']}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
             lines += ["| " + " | ".join(fmt(row.get(k)) for k in keys) + " |" for row in rows]
-    if report.get("models_archive"):
-        lines += ["", f"Trained pipelines: `{report['models_archive']}`."]
+    if report.get("model_archives"):
+        lines += ["", "Trained pipelines: " + ", ".join(f"`{path}`" for path in report["model_archives"]) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -74,11 +74,12 @@ def test_quick_run_gives_every_part_a_status_and_runs_what_the_cpu_can(quick_run
     markdown = (output / "gpu_check.md").read_text()
     for name in gpu_check.PART_NAMES:
         assert f"| {name} |" in markdown
-    with tarfile.open(output / "work" / "gpu_check_models.tar") as tar:
-        names = set(tar.getnames())
-    for folder in gpu_check.MODEL_FOLDERS.values():
-        assert f"{folder}/model_index.json" in names
-    assert not any("checkpoint" in name for name in names)
+    assert report["model_archives"] == [str(output / "work" / f"{f}.tar") for f in gpu_check.MODEL_FOLDERS.values()]
+    for folder in gpu_check.MODEL_FOLDERS.values():  # one archive per model, without checkpoints
+        with tarfile.open(output / "work" / f"{folder}.tar") as tar:
+            names = set(tar.getnames())
+        assert f"{folder}/model_index.json" in names and f"{folder}/unet/config.json" in names
+        assert not any("checkpoint" in name or "/logs" in name for name in names)
 
 
 @pytest.mark.slow
