@@ -167,7 +167,7 @@ def _run_ray(args, settings) -> int:
         from ray import serve
     except ImportError:
         raise ValueError("--engine ray needs Ray Serve: pip install 'cm_diffusers[serve]'.") from None
-    from ..serving.deployment import APP_NAME, build_application, drain_application, ray_init_options
+    from ..serving.deployment import APP_NAME, build_application, drain_application, http_options, ray_init_options
 
     actor_options = {"num_cpus": args.num_cpus_per_replica}
     if settings.device.startswith("cuda"):
@@ -183,7 +183,7 @@ def _run_ray(args, settings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.start(http_options=http_options(args.host, args.port))
         app = build_application(settings, num_replicas=args.num_replicas, ray_actor_options=actor_options)
         serve.run(app, name=APP_NAME, route_prefix="/")
         print(_ready_line(args), flush=True)

@@ -46,7 +46,7 @@ from .schemas import (
 
 OPEN_ROUTES = ("/healthz", "/readyz", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc", "/ui")
 GENERATE_ROUTES = ("/v1/generate", "/v1/teacher/generate")
-_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+REQUEST_ID_PATTERN = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 CLIENT_CLOSED = 499  # nginx's status for a request whose client went away before the answer (logged, never sent)
 # PIL modes taken as grayscale; any other mode PIL can convert is taken as RGB.
 _GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
@@ -235,7 +235,7 @@ class ApiMiddleware:
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")
         if not self.echo_request_id:  # behind Ray's proxy, which answers with the id it passes (see deployment.py)
             request_id = request_id or uuid.uuid4().hex
-        elif not _REQUEST_ID.match(request_id):
+        elif not REQUEST_ID_PATTERN.match(request_id):
             request_id = uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         path, client = scope["path"], (scope.get("client") or ("local", 0))[0]

@@ -9,7 +9,7 @@ from ray import serve
 from ray.exceptions import RayError, RayTaskError
 from ray.serve.exceptions import RayServeException
 
-from .app import BackendUnavailable, ServerState, create_app
+from .app import REQUEST_ID_PATTERN, BackendUnavailable, ServerState, create_app
 from .model import ConsistencyModel
 from .schemas import Limits, ServerSettings, hash_key, load_api_keys
 
@@ -68,6 +68,31 @@ class APIIngress:
         flight."""
         self.state.draining = True
         return self.state.busy
+
+
+class RequestIdGuard:
+    """ASGI middleware of Ray's HTTP proxy (outside its own request-id middleware): an `X-Request-ID` that is not
+    printable ASCII without spaces (1-128 characters) is dropped, so that the proxy gives the request a new id, which
+    the response header, the error body and the access log then all carry."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = scope["headers"]
+            kept = [(name, value) for name, value in headers
+                    if name.lower() != b"x-request-id" or REQUEST_ID_PATTERN.match(value.decode("latin-1"))]
+            if len(kept) != len(headers):
+                scope = dict(scope, headers=kept)
+        await self.app(scope, receive, send)
+
+
+def http_options(host: str, port: int) -> dict:
+    """`serve.start` HTTP options: where the proxy listens, and its `RequestIdGuard`."""
+    from starlette.middleware import Middleware
+
+    return {"host": host, "port": port, "middlewares": [Middleware(RequestIdGuard)]}
 
 
 def build_application(settings: ServerSettings, num_replicas: int = 1, ray_actor_options: dict | None = None,
