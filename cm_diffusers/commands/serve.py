@@ -167,7 +167,7 @@ def _run_ray(args, settings) -> int:
         from ray import serve
     except ImportError:
         raise ValueError("--engine ray needs Ray Serve: pip install 'cm_diffusers[serve]'.") from None
-    from ..serving.deployment import APP_NAME, build_application, drain_application, http_options, ray_init_options
+    from ..serving.deployment import APP_NAME, build_application, drain_application, ray_init_options
 
     actor_options = {"num_cpus": args.num_cpus_per_replica}
     if settings.device.startswith("cuda"):
@@ -177,13 +177,18 @@ def _run_ray(args, settings) -> int:
     if local:
         num_cpus = max(os.cpu_count() or 1, int(args.num_replicas * args.num_cpus_per_replica + 0.999))
         ray.init(**ray_init_options(args.host, num_cpus))
+        if args.host in LOOPBACK:
+            print("cm-diffusers serve: warning: with --engine ray, Ray's own servers (GCS, raylet, agents, workers, "
+                  "replicas) listen on all interfaces whatever --host says (Ray 2.60 has no option to confine them); "
+                  "firewall this machine, or use the default --engine embedded, which opens only the API's port.",
+                  file=sys.stderr, flush=True)
     else:
         ray.init(address=args.address, logging_level="warning")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options=http_options(args.host, args.port))
+        serve.start(http_options={"host": args.host, "port": args.port})
         app = build_application(settings, num_replicas=args.num_replicas, ray_actor_options=actor_options)
         serve.run(app, name=APP_NAME, route_prefix="/")
         print(_ready_line(args), flush=True)

@@ -88,11 +88,16 @@ class RequestIdGuard:
         await self.app(scope, receive, send)
 
 
-def http_options(host: str, port: int) -> dict:
-    """`serve.start` HTTP options: where the proxy listens, and its `RequestIdGuard`."""
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+PROXY_CALLBACK = "cm_diffusers.serving.deployment:proxy_middlewares"
+
+
+def proxy_middlewares() -> list:
+    """The middlewares of Ray's HTTP proxy (Ray calls this, in the proxy process, when the environment variable
+    RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH names it; `serve --engine ray` sets it for its local Ray instance)."""
     from starlette.middleware import Middleware
 
-    return {"host": host, "port": port, "middlewares": [Middleware(RequestIdGuard)]}
+    return [Middleware(RequestIdGuard)]
 
 
 def build_application(settings: ServerSettings, num_replicas: int = 1, ray_actor_options: dict | None = None,
@@ -156,8 +161,12 @@ def drain_application(drain_s: float, timeout_s: float):
 
 
 def ray_init_options(host: str, num_cpus: int) -> dict:
-    """`ray.init` arguments of the local Ray instance of `serve --engine ray`: with a loopback API, Ray's own
-    servers bind to loopback too (its node address), and no dashboard or metrics exporter is started."""
+    """`ray.init` arguments of the local Ray instance of `serve --engine ray`: with a loopback API, its node address is
+    127.0.0.1 (what Ray advertises and connects to; its gRPC servers and agents still bind to all interfaces, which Ray
+    2.60 cannot change), and no dashboard is started; the HTTP proxy gets `proxy_middlewares`."""
+    import os
+
+    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)  # inherited by the Ray processes started here
     options = {"address": "local", "num_cpus": num_cpus, "include_dashboard": False, "logging_level": "warning"}
     if host in ("127.0.0.1", "localhost", "::1"):
         options["_node_ip_address"] = "127.0.0.1"
