@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data browser demo test test-fast lint clean
+.PHONY: setup data browser demo test test-fast lint gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -47,6 +47,11 @@ test-fast: setup
 
 lint: setup
 	$(PY) -m ruff check cm_diffusers training benchmarks tests
+
+# The GPU check (README, GPU check): ~10 minutes on one GPU; ARGS="--quick" for the CPU smoke run, ARGS="--plan" to
+# print its commands.
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

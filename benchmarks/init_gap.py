@@ -31,7 +31,7 @@ from cm_diffusers.evaluation import read_fashion_mnist  # noqa: E402
 from cm_diffusers.losses import DenoiserLoss, teacher_denoised  # noqa: E402
 from cm_diffusers.networks import unet_forward  # noqa: E402
 from cm_diffusers.parameterization import SIGMA_MAX, SIGMA_MIN, consistency_function, karras_sigmas  # noqa: E402
-from cm_diffusers.sampling import teacher_clips_denoised  # noqa: E402
+from cm_diffusers.teacher_sampling import teacher_clips_denoised  # noqa: E402
 from cm_diffusers.teachers import load_teacher  # noqa: E402
 
 

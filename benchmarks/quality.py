@@ -39,8 +39,8 @@ from cm_diffusers.evaluation import (  # noqa: E402
     setup_reference,
     write_report,
 )
-from cm_diffusers.safety import int_list  # noqa: E402
 from cm_diffusers.shipped_models import resolve_pretrained  # noqa: E402
+from cm_diffusers.validation import parse_list  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -138,7 +138,7 @@ def summary_markdown(summary: dict) -> str:
 
 def main(argv=None) -> int:
     from cm_diffusers import ConsistencyPipeline
-    from cm_diffusers.sampling import TEACHER_SAMPLERS
+    from cm_diffusers.teacher_sampling import TEACHER_SAMPLERS
     from cm_diffusers.teachers import load_teacher
 
     args = parse_args(argv)
@@ -154,8 +154,8 @@ def main(argv=None) -> int:
         print(f"Wrote {', '.join(os.path.relpath(p) for p in paths)}")
         return 0
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    steps = int_list(args.steps, "--steps", low=1)
-    nfes = int_list(args.teacher_nfe, "--teacher_nfe", low=1)
+    steps = parse_list(args.steps, int, "--steps", low=1)
+    nfes = parse_list(args.teacher_nfe, int, "--teacher_nfe", low=1)
     samplers = [s.strip() for s in args.teacher_samplers.split(",") if s.strip()]
     if set(samplers) - set(TEACHER_SAMPLERS):
         raise SystemExit(f"--teacher_samplers: choose from {TEACHER_SAMPLERS}, got {samplers}.")

@@ -1,14 +1,17 @@
 #!/usr/bin/env python
-"""Throughput of one consistency-distillation step of training/train_consistency.py against its floor.
+"""Throughput of one consistency-distillation (or ECT) step of training/train_consistency.py against its floor.
 
 The step is timed inside the real script (its per-step wall time, logged after the loss is synchronised), on a run
 of `--mode cd` with a Heun teacher, target network, evaluation EMA, RAdam, gradient clipping and the data loader.
 The floor is measured in the same process on the same batch shape and models: one student forward + backward, one
 target forward and two teacher forwards (Heun), i.e. the network work a CD step cannot avoid. Also reports peak
-memory (CUDA max_memory_allocated on GPU, peak RSS on CPU). Target: step <= 1.10 x floor.
+memory (CUDA max_memory_allocated on GPU, peak RSS on CPU). Target: step <= 1.10 x floor. `--mode ect` times an ECT
+step instead (its floor: one student forward + backward and one target forward; no teacher); a new mode is one entry
+of MODES. `--launcher accelerate` runs the script under `accelerate launch` (with --mixed_precision), as users do.
 
     python benchmarks/train_throughput.py                      # CPU: the 1.1M-parameter 28x28 model, batch 64
     python benchmarks/train_throughput.py --preset cifar10     # GPU: the 35.7M-parameter ddpm-cifar10 UNet, batch 128
+    python benchmarks/train_throughput.py --preset cifar10 --mode ect --mixed_precision bf16 --launcher accelerate
 
 Writes benchmarks/results/train_throughput_<device>_<preset>.json and a PNG bar plot next to it. Both sides are
 medians over repeats; the floor is measured before and after the run (both medians are recorded), because on a
@@ -47,12 +50,27 @@ PRESETS = {
         layers_per_block=2, block_out_channels=(128, 256, 256, 256), down_block_types=("DownBlock2D",
         "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D",
         "UpBlock2D"))),
+    # the tests' tiny UNet (16x16, blocks (16, 32)): a smoke run of the benchmark itself, e.g. in CI
+    "tiny": dict(resolution=16, channels=1, batch_size=8, unet=dict(
+        layers_per_block=1, block_out_channels=(16, 32), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, attention_head_dim=8)),
 }  # fmt: skip
 
+# Per mode: the run's own flags, and the teacher forwards of its floor (besides one student forward + backward and one
+# target forward, which every mode has)
+MODES = {
+    "cd": dict(teacher_forwards=2, flags=["--target_ema_decay", 0.95, "--ode_solver", "heun"]),
+    "ect": dict(teacher_forwards=0, flags=["--dropout", 0]),  # no dropout: the floor's student has none
+}
 
-def parse_args():
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="fmnist (CPU) or cifar10 (GPU).")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="fmnist (CPU), cifar10 (GPU) or tiny (a smoke run).")
+    parser.add_argument("--mode", choices=sorted(MODES), default="cd", help="The train_consistency.py mode timed.")
+    parser.add_argument("--launcher", choices=["python", "accelerate"], default="python",
+                        help="Run the script directly or under `accelerate launch`.")
     parser.add_argument("--batch_size", type=int, default=None, help="Default: the preset's.")
     parser.add_argument("--warmup_steps", type=int, default=5, help="Steps left out of the timing.")
     parser.add_argument("--steps", type=int, default=20, help="Timed steps.")
@@ -61,7 +79,7 @@ def parse_args():
     parser.add_argument("--num_workers", type=int, default=None, help="Data loader workers (default 2 on GPU).")
     parser.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (1: steadier when shared).")
     parser.add_argument("--output_dir", default=os.path.join(REPO, "benchmarks", "results"))
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def make_data(folder, count, resolution, channels, seed=0):
@@ -80,8 +98,9 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def measure_floor(teacher, student, batch, repeats, device, autocast_dtype):
-    """Seconds of 1 student fwd+bwd, 1 target fwd and 2 teacher fwds (Heun) on `batch`, `repeats` times."""
+def measure_floor(teacher, student, batch, repeats, device, autocast_dtype, teacher_forwards=2):
+    """Seconds of 1 student fwd+bwd, 1 target fwd and `teacher_forwards` teacher fwds (CD's Heun: 2) on `batch`,
+    `repeats` times."""
     sigma = torch.full((batch.shape[0],), 1.0, device=device)
     t = sigma_to_t(sigma)
     student.train()
@@ -91,8 +110,8 @@ def measure_floor(teacher, student, batch, repeats, device, autocast_dtype):
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             with torch.no_grad():
-                teacher(batch, sigma)
-                teacher(batch, sigma)
+                for _ in range(teacher_forwards):
+                    teacher(batch, sigma)
                 student(batch, t, return_dict=False)[0]  # the target: same architecture, no gradient
             output = student(batch, t, return_dict=False)[0]
         output.float().square().mean().backward()
@@ -112,6 +131,7 @@ def main():
     batch_size = args.batch_size or preset["batch_size"]
     num_workers = args.num_workers if args.num_workers is not None else (2 if device.type == "cuda" else 0)
     resolution, channels = preset["resolution"], preset["channels"]
+    mode = MODES[args.mode]
 
     with tempfile.TemporaryDirectory() as tmp:
         data_dir, teacher_dir, run_dir = (os.path.join(tmp, name) for name in ("data", "teacher", "run"))
@@ -128,27 +148,33 @@ def main():
         teacher = load_teacher(teacher_dir, torch_dtype=autocast_dtype or torch.float32, device=device)
         student = UNet2DModel.from_pretrained(os.path.join(teacher_dir, "unet")).to(device)
         batch = torch.randn(batch_size, channels, resolution, resolution, device=device)
-        floor_before = measure_floor(teacher, student, batch, args.floor_repeats, device, autocast_dtype)
+        floor_before = measure_floor(teacher, student, batch, args.floor_repeats, device, autocast_dtype,
+                                     mode["teacher_forwards"])
 
-        # 2. The real script: cd, Heun teacher, target EMA 0.95, evaluation EMA, RAdam, clipping
+        # 2. The real script: cd (Heun teacher, target EMA 0.95) or ect, evaluation EMA, RAdam, clipping
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        flags = ["--mode", "cd", "--teacher_model_name_or_path", teacher_dir, "--train_data_dir", data_dir,
+        flags = ["--mode", args.mode, "--teacher_model_name_or_path", teacher_dir, "--train_data_dir", data_dir,
                  "--output_dir", run_dir, "--max_train_steps", args.warmup_steps + args.steps,
-                 "--train_batch_size", batch_size, "--target_ema_decay", 0.95, "--ema_decay", 0.9999,
+                 "--train_batch_size", batch_size, "--ema_decay", 0.9999,
                  "--mixed_precision", args.mixed_precision, "--dataloader_num_workers", num_workers,
-                 "--num_validation_images", 4, "--ode_solver", "heun"]  # fmt: skip
+                 "--num_validation_images", 4, *mode["flags"]]  # fmt: skip
         # the script itself, as a user runs it (benchmarks import no script), on the same number of threads
         script = os.path.join(REPO, "training", "train_consistency.py")
         env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "HF_HUB_OFFLINE": "1"}
-        subprocess.run([sys.executable, script, *map(str, flags)], check=True, env=env)
+        launcher = [sys.executable]
+        if args.launcher == "accelerate":
+            launcher += ["-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+                         "--mixed_precision", args.mixed_precision, "--dynamo_backend", "no"]
+        subprocess.run([*launcher, script, *map(str, flags)], check=True, env=env)
         with open(os.path.join(run_dir, "logs", "train_log.jsonl")) as f:
             log = [entry for entry in map(json.loads, f) if "step_time" in entry]
         step_times, data_times = [entry["step_time"] for entry in log], [entry["data_time"] for entry in log]
         timed = step_times[args.warmup_steps :]
         peak_train = log[-1].get("cuda_max_memory_mib") if device.type == "cuda" else None  # the script's own
 
-        floor_after = measure_floor(teacher, student, batch, args.floor_repeats, device, autocast_dtype)
+        floor_after = measure_floor(teacher, student, batch, args.floor_repeats, device, autocast_dtype,
+                                    mode["teacher_forwards"])
         floors = floor_before + floor_after
 
     peak_rss_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the training process; Linux: KiB
@@ -158,6 +184,8 @@ def main():
         "device": device_name,
         "torch_threads": torch.get_num_threads(),
         "preset": preset_name,
+        "mode": args.mode,
+        "launcher": args.launcher,
         "unet_parameters": num_params,
         "batch_size": batch_size,
         "resolution": resolution,
@@ -165,7 +193,8 @@ def main():
         "mixed_precision": args.mixed_precision,
         "dataloader_num_workers": num_workers,
         "timed_steps": len(timed),
-        "cd_step_seconds": statistics.median(timed),
+        f"{args.mode}_step_seconds": statistics.median(timed),
+        "step_seconds": statistics.median(timed),
         "floor_seconds": statistics.median(floors),
         "ratio": statistics.median(timed) / statistics.median(floors),
         "floor_seconds_median_before_after": [statistics.median(floor_before), statistics.median(floor_after)],
@@ -178,13 +207,14 @@ def main():
         "floor_times": floors,
     }
     os.makedirs(args.output_dir, exist_ok=True)
-    stem = os.path.join(args.output_dir, f"train_throughput_{device.type}_{preset_name}")
+    suffix = "" if args.mode == "cd" else f"_{args.mode}"
+    stem = os.path.join(args.output_dir, f"train_throughput_{device.type}_{preset_name}{suffix}")
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=2)
     plot(result, stem + ".png")
     print(json.dumps({k: v for k, v in result.items() if k not in ("step_times", "floor_times")}, indent=2))
-    print(f"CD step {result['cd_step_seconds'] * 1e3:.1f} ms vs floor {result['floor_seconds'] * 1e3:.1f} ms "
-          f"(medians): ratio {result['ratio']:.3f} (target <= 1.10)")  # fmt: skip
+    print(f"{args.mode.upper()} step {result['step_seconds'] * 1e3:.1f} ms vs floor "
+          f"{result['floor_seconds'] * 1e3:.1f} ms (medians): ratio {result['ratio']:.3f} (target <= 1.10)")
 
 
 def plot(result, path):
@@ -194,8 +224,8 @@ def plot(result, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    labels = ["floor\n(networks only)", "CD step\n(train_consistency.py)"]
-    medians = [result["floor_seconds"] * 1e3, result["cd_step_seconds"] * 1e3]
+    labels = ["floor\n(networks only)", f"{result['mode'].upper()} step\n(train_consistency.py)"]
+    medians = [result["floor_seconds"] * 1e3, result["step_seconds"] * 1e3]
     ax.bar(labels, medians, color=["#999999", "#3b75af"])
     ax.axhline(medians[0] * result["target_ratio"], color="#c44e52", linestyle="--", label="1.10 x floor")
     ax.set_ylabel("ms per step")

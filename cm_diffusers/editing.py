@@ -14,7 +14,7 @@ special case y = 0, Omega = 1 with given noise. The loop itself is `cm_diffusers
 `ConsistencyPipeline` as one call.
 """
 
-import math
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -24,6 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .parameterization import SIGMA_MIN
 from .sampling import consistency_sample
+from .validation import validate_sigmas
 
 LUMA_WEIGHTS = (0.2989, 0.5870, 0.1140)
 # Stroke-guided editing levels of the paper's LSUN Bedroom experiments (sigma_max = 80); other models scale them.
@@ -224,10 +225,11 @@ def consistency_edit(
     sigmas,
     generator: torch.Generator | list[torch.Generator] | None = None,
     sigma_min: float = SIGMA_MIN,
-    clamp: bool = True,
+    clip_denoised: bool = True,
     latents: torch.Tensor | None = None,
     start_from_reference: bool = False,
     s_noise: float = 1.0,
+    **deprecated,
 ) -> torch.Tensor:
     """
     Zero-shot editing, Song et al. (2023) Algorithm 4.
@@ -241,7 +243,8 @@ def consistency_edit(
         sigmas (sequence of `float` or `torch.Tensor`): Strictly descending noise levels, each >= `sigma_min`.
         generator (`torch.Generator` or `list[torch.Generator]`, *optional*): Source of all noise.
         sigma_min (`float`): The model's epsilon; re-noising to level s adds noise of std sqrt(s^2 - eps^2).
-        clamp (`bool`, defaults to `True`): Clamp f's output to [-1, 1] before each projection.
+        clip_denoised (`bool`, defaults to `True`): Clamp f's output to [-1, 1] before each projection (the
+            scheduler config's `clip_denoised`; the keyword `clamp` of earlier releases still works, with a warning).
         latents (`torch.Tensor`, *optional*): Standard normal noise of the first step (drawn when omitted).
         start_from_reference (`bool`, defaults to `False`): Start from x = y + sigma_1 z with the whole reference
             instead of A^-1[(A y)(1 - Omega)]: stroke-guided editing (SDEdit) and denoising, where Omega = 1 would
@@ -251,10 +254,16 @@ def consistency_edit(
     Returns:
         `torch.Tensor`: the edited images, projected after the last step (unclamped: the kept coefficients are y's).
     """
+    if "clamp" in deprecated:
+        warnings.warn("consistency_edit(clamp=...) is deprecated; pass clip_denoised=... (the scheduler's name).",
+                      FutureWarning, stacklevel=2)
+        clip_denoised = deprecated.pop("clamp")
+    if deprecated:
+        raise TypeError(f"consistency_edit() got an unexpected keyword argument {next(iter(deprecated))!r}")
     _check_4d(y, "consistency_edit's reference `y`")
     if not (callable(getattr(transform, "forward", None)) and callable(getattr(transform, "inverse", None))):
         raise ValueError(f"`transform` needs `forward` and `inverse` methods, got {type(transform).__name__}.")
-    sigmas = _check_sigmas(sigmas, sigma_min)
+    sigmas = validate_sigmas(sigmas, sigma_min).tolist()
     if latents is not None and tuple(latents.shape) != tuple(y.shape):
         raise ValueError(f"`latents` have shape {tuple(latents.shape)}, but `y` has shape {tuple(y.shape)}.")
     _check_invertible(transform, y)
@@ -276,19 +285,7 @@ def consistency_edit(
         return randn_tensor(shape, generator=generator, device=y.device, dtype=y.dtype)
 
     return consistency_sample(consistency_fn, latents.to(device=y.device, dtype=y.dtype), sigmas, sigma_min,
-                              s_noise, clamp, randn=randn, start=y, project=project)
-
-
-def _check_sigmas(sigmas, sigma_min: float) -> list:
-    values = sigmas.tolist() if isinstance(sigmas, (torch.Tensor, np.ndarray)) else list(sigmas)
-    values = [float(s) for s in np.asarray(values, dtype=np.float64).reshape(-1)]
-    if not values or not all(math.isfinite(s) for s in values):
-        raise ValueError(f"`sigmas` must be a non-empty list of finite noise levels, got {values}.")
-    if any(b >= a for a, b in zip(values, values[1:])):
-        raise ValueError(f"`sigmas` must be strictly descending, got {values}.")
-    if values[-1] < sigma_min * (1 - 1e-6):
-        raise ValueError(f"`sigmas` must be >= sigma_min={sigma_min}, got {values}.")
-    return values
+                              s_noise, clip_denoised, randn=randn, start=y, project=project)
 
 
 def _check_invertible(transform, y: torch.Tensor):

@@ -8,7 +8,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from .safety import save_image_atomic
+from .files import save_image_atomic
 
 
 def to_uint8_images(images) -> torch.Tensor:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .safety import redact_command, redact_text, write_text_atomic
+from .files import write_text_atomic
+from .redaction import redact_command, redact_text
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ config-identical `ConsistencyModelPipeline` and `CMStochasticIterativeScheduler`
 
 import json
 
-from .safety import write_text_atomic
+from .files import write_text_atomic
 
 SCHEDULER_NAMES = {"ConsistencyScheduler", "CMStochasticIterativeScheduler"}
 DIFFUSERS_PIPELINE_NAME = "ConsistencyModelPipeline"

@@ -7,6 +7,7 @@ names of the (config-identical) scheduler and pipeline.
 """
 
 import os
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -67,17 +68,28 @@ class ConsistencyPipeline(ConsistencyEditingMixin, DiffusionPipeline):
         """
         Loads a consistency-model pipeline from a folder, a Hub repo id (or its local cache with
         HF_HUB_OFFLINE=1), or the short name of a model shipped with this package (e.g. `"fashion-mnist-cd"`).
-        Accepts every keyword of [`DiffusionPipeline.from_pretrained`].
+        Accepts every keyword of [`DiffusionPipeline.from_pretrained`] (`variant`, `torch_dtype`, `use_safetensors`,
+        ...). Weights load as diffusers loads them: safetensors first, and pickled `.bin` weights (what
+        `save_pretrained(..., safe_serialization=False)` writes) only through `torch.load(weights_only=True)`, which
+        rebuilds tensors and never runs code; a pickle that holds anything else is refused naming the file.
         """
         from .shipped_models import resolve_pretrained
 
         path = resolve_pretrained(pretrained_model_name_or_path)
-        _check_safetensors_weights(path)
-        kwargs.setdefault("use_safetensors", True)  # never unpickle weights from a repo
         config_kwargs = {k: kwargs[k] for k in ("cache_dir", "token", "revision", "local_files_only") if k in kwargs}
         index = cls.load_config(path, **config_kwargs)
         check_is_consistency_model(index, str(pretrained_model_name_or_path))
-        return super().from_pretrained(path, **kwargs)
+        try:
+            return super().from_pretrained(path, **kwargs)
+        except (OSError, ValueError) as error:
+            refused = _unsafe_pickle(path)
+            if refused is None:
+                raise
+            raise ValueError(
+                f"{refused} is a pickle that holds more than tensors (objects whose loading would run code), so it "
+                "was refused by torch.load(weights_only=True), as diffusers loads weights; nothing in it was run. "
+                "Load a copy saved with safetensors (`save_pretrained(folder)`), or re-save weights you trust."
+            ) from error
 
     def save_pretrained(self, save_directory, **kwargs):
         """
@@ -116,19 +128,26 @@ class ConsistencyPipeline(ConsistencyEditingMixin, DiffusionPipeline):
         schedule = consistency_schedule(self.scheduler.config, num_inference_steps, timesteps, sigmas)
         return torch.from_numpy(schedule.astype(np.float32))
 
-    def denoise_raw(self, sample: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
-        """f(x, sigma) with the scheduler's scalings, unclamped; sigma: float or (B,)."""
+    def consistency_function(self, sample: torch.Tensor, sigma, class_labels=None, clip_denoised=None) -> torch.Tensor:
+        """
+        f(x, sigma) with the scheduler's scalings; sigma: float or (B,). `clip_denoised` clamps the output to
+        [-1, 1] (default: the scheduler config's `clip_denoised`; `False` gives the raw f, e.g. for projections).
+        """
         config = self.scheduler.config
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=sample.device)
         sigma = sigma.expand(sample.shape[0]) if sigma.ndim == 0 else sigma
 
         network = unet_forward(self.unet, dtype=self._device_and_dtype()[1])
-        return consistency_function(network, sample, sigma, config.sigma_min, config.sigma_data,
-                                    class_labels=class_labels)
+        denoised = consistency_function(network, sample, sigma, config.sigma_min, config.sigma_data,
+                                        class_labels=class_labels)
+        return clamp_denoised(denoised, config.clip_denoised if clip_denoised is None else clip_denoised)
 
-    def consistency_function(self, sample: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
-        """f(x, sigma) with the scheduler's scalings, clamped to [-1, 1] when `clip_denoised`; sigma: float or (B,)."""
-        return clamp_denoised(self.denoise_raw(sample, sigma, class_labels), self.scheduler.config.clip_denoised)
+    def denoise_raw(self, sample: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
+        """Deprecated: `consistency_function(sample, sigma, class_labels, clip_denoised=False)`."""
+        warnings.warn("ConsistencyPipeline.denoise_raw is deprecated (its name suggested the `denoise` editing task); "
+                      "use consistency_function(sample, sigma, class_labels, clip_denoised=False).", FutureWarning,
+                      stacklevel=2)
+        return self.consistency_function(sample, sigma, class_labels, clip_denoised=False)
 
     def prepare_latents(self, batch_size: int, generator=None, latents=None) -> torch.Tensor:
         """Standard normal noise of the model's sample shape, drawn from `generator` (or the given `latents`)."""
@@ -151,7 +170,7 @@ class ConsistencyPipeline(ConsistencyEditingMixin, DiffusionPipeline):
                 return randn_tensor(shape, generator=generator, device=latents.device, dtype=latents.dtype)
 
         def f(x, sigma):
-            return self.denoise_raw(x, sigma, class_labels)
+            return self.consistency_function(x, sigma, class_labels, clip_denoised=False)
 
         return consistency_sample(f, latents, sigmas, config.sigma_min, config.s_noise, config.clip_denoised,
                                   randn=randn, callback=callback)
@@ -342,17 +361,22 @@ def _accelerator_available() -> bool:
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def _check_safetensors_weights(path):
-    """A local folder whose network weights exist only as pickles is refused before anything is unpickled."""
-    folder = os.path.join(str(path), "unet")
-    if not os.path.isdir(folder):
-        return
-    files = os.listdir(folder)
-    pickles = sorted(name for name in files if name.endswith(_PICKLE_SUFFIXES))
-    if pickles and not any(name.endswith(".safetensors") for name in files):
-        raise ValueError(
-            f"{folder} holds weights only as pickle files ({', '.join(pickles)}), which can run code when loaded; "
-            "cm_diffusers loads safetensors only. If you trust the file, convert it once with "
-            "`UNet2DModel.from_pretrained(folder, use_safetensors=False).save_pretrained(folder)` "
-            "(diffusers unpickles with weights_only=True), then load the folder again."
-        )
+def _unsafe_pickle(path):
+    """The first pickled weights file under a local pipeline folder that `torch.load(weights_only=True)` refuses
+    (None when there is none): what a failed load is explained by. The weights-only unpickler never runs code."""
+    import pickle
+
+    if not os.path.isdir(str(path)):
+        return None
+    for folder, _, names in sorted(os.walk(str(path))):
+        for name in sorted(names):
+            if not name.endswith(_PICKLE_SUFFIXES):
+                continue
+            file = os.path.join(folder, name)
+            try:
+                torch.load(file, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError:
+                return file
+            except Exception:  # noqa: BLE001 - unreadable for another reason (truncated, not a pickle): not this error
+                continue
+    return None

@@ -139,7 +139,7 @@ class ConsistencyEditingMixin:
         labels = self.prepare_class_labels(y.shape[0], call.class_labels, call.generator, y.device)
 
         def consistency_fn(x, sigma):
-            return self.denoise_raw(x, sigma, class_labels=labels)
+            return self.consistency_function(x, sigma, class_labels=labels, clip_denoised=False)
 
         config = self.scheduler.config
         sample = consistency_edit(

@@ -1,308 +1,47 @@
-"""What every command and training script shares to refuse nonsense and fail safely.
+"""Deprecated: the helpers that lived here have one home each now.
 
-- argparse types that validate numbers when the command line is parsed, with a message naming the flag
-  (`int_at_least(1)`, `float_at_least(0)`, `finite_float`, ...): NaN and infinities are never accepted.
-- `redact_command(argv)`: a command line fit for a model card or a log, with the values of secret flags
-  (`--*token*`, `--*key*`, `--*password*`, `--*secret*`, `--*credential*`) and anything shaped like a Hugging Face
-  token replaced by `REDACTED`, and local paths cut to their last component.
-- Atomic writes (`atomic_output`, `write_text_atomic`, `save_image_atomic`): a file is written next to its final
-  name under a hidden temporary name and renamed into place only when complete, so a reader (or a second process
-  writing the same path) never sees a half-written or mixed file; a failed write leaves nothing behind and says
-  how much space was needed.
-- `check_image_path`: refuses an image output path PIL cannot write, before any work is done.
+- argparse types: `cm_diffusers.argtypes` (lists: `argtypes.number_list`, or `validation.parse_list`);
+- secret redaction: `cm_diffusers.redaction`;
+- atomic writes, disk-full errors and output path checks: `cm_diffusers.files`.
+
+Importing a name from here still works and warns once with its new home.
 """
 
-import argparse
-import contextlib
-import errno
-import math
-import os
-import re
-import shutil
-import tempfile
+import importlib
+import warnings
 
-REDACTED = "REDACTED"
-SECRET_FLAG = re.compile(r"^--?[\w-]*(token|key|password|passwd|secret|credential)[\w-]*$", re.IGNORECASE)
-HF_TOKEN_PATTERN = re.compile(r"\bhf_[A-Za-z0-9]{16,}\b")
-NO_SPACE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-
-
-def _write_errors() -> tuple:
-    """What a failed write raises: OSError (Python, PIL), RuntimeError (torch.save: "basic_ios::clear: iostream
-    error", "unexpected pos"), SafetensorError (safetensors: "I/O error")."""
-    try:
-        from safetensors import SafetensorError
-    except ImportError:
-        return (OSError, RuntimeError)
-    return (OSError, RuntimeError, SafetensorError)
-
-
-WRITE_ERRORS = _write_errors()
-
-# ----------------------------------------------------------------------------------------------------------------
-# argparse types
-
-
-def _number(kind, text: str):
-    try:
-        value = kind(text)
-    except ValueError:
-        kind_name = "an integer" if kind is int else "a number"
-        raise argparse.ArgumentTypeError(f"must be {kind_name}, got {text!r}") from None
-    if kind is float and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
-
-
-def finite_float(text: str) -> float:
-    """argparse type: any finite float (NaN and +-inf refused)."""
-    return _number(float, text)
-
-
-def int_at_least(low: int):
-    """argparse type: an integer >= `low`."""
-
-    def parse(text: str) -> int:
-        value = _number(int, text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
-        return value
-
-    parse.__name__ = f"int_at_least_{low}"
-    return parse
-
-
-def float_at_least(low: float, strict: bool = False):
-    """argparse type: a finite float >= `low` (> `low` when `strict`)."""
-
-    def parse(text: str) -> float:
-        value = _number(float, text)
-        if value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(f"must be a number {'>' if strict else '>='} {low:g}, got {text!r}")
-        return value
-
-    parse.__name__ = f"float_at_least_{low:g}"
-    return parse
-
-
-def float_in(low: float, high: float, high_open: bool = False):
-    """argparse type: a finite float in [low, high] ([low, high) when `high_open`)."""
-
-    def parse(text: str) -> float:
-        value = _number(float, text)
-        if not low <= value <= high or (high_open and value == high):
-            raise argparse.ArgumentTypeError(
-                f"must lie in [{low:g}, {high:g}{')' if high_open else ']'}, got {text!r}"
-            )
-        return value
-
-    parse.__name__ = f"float_in_{low:g}_{high:g}"
-    return parse
-
-
-positive_int = int_at_least(1)
-non_negative_int = int_at_least(0)
-positive_float = float_at_least(0.0, strict=True)
-non_negative_float = float_at_least(0.0)
+_NEW_HOMES = {
+    "argtypes": ("finite_float", "int_at_least", "float_at_least", "float_in", "positive_int", "non_negative_int",
+                 "positive_float", "non_negative_float"),
+    "redaction": ("REDACTED", "SECRET_FLAG", "HF_TOKEN_PATTERN", "redact_command", "redact_text", "is_secret_name"),
+    "files": ("WRITE_ERRORS", "NO_SPACE_ERRNOS", "format_megabytes", "free_bytes", "write_error", "atomic_output",
+              "write_text_atomic", "image_format", "check_image_path", "check_folder_path", "save_image_atomic"),
+}
+_HOME = {name: module for module, names in _NEW_HOMES.items() for name in names}
 
 
 def float_list(text: str, flag: str) -> list:
-    """'80,0.821' -> [80.0, 0.821]; a ValueError naming `flag` for anything that is not finite numbers."""
-    try:
-        values = [float(item) for item in text.replace(" ", "").split(",") if item]
-    except ValueError:
-        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}.") from None
-    if not values or not all(math.isfinite(value) for value in values):
-        raise ValueError(f"{flag} must be comma-separated finite numbers, got {text!r}.")
-    return values
+    """Deprecated: `cm_diffusers.validation.parse_list(text, float, flag)`."""
+    from .validation import parse_list
+
+    warnings.warn("cm_diffusers.safety.float_list is deprecated; use cm_diffusers.validation.parse_list(text, float, "
+                  "field).", FutureWarning, stacklevel=2)
+    return parse_list(text, float, flag)
 
 
 def int_list(text: str, flag: str, low: int = 0) -> list:
-    """'22,0' -> [22, 0]; a ValueError naming `flag` for anything else or a value below `low`."""
-    try:
-        values = [int(item) for item in text.replace(" ", "").split(",") if item]
-    except ValueError:
-        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}.") from None
-    if not values or min(values) < low:
-        raise ValueError(f"{flag} must list integers >= {low}, got {text!r}.")
-    return values
+    """Deprecated: `cm_diffusers.validation.parse_list(text, int, flag, low)`."""
+    from .validation import parse_list
+
+    warnings.warn("cm_diffusers.safety.int_list is deprecated; use cm_diffusers.validation.parse_list(text, int, "
+                  "field, low).", FutureWarning, stacklevel=2)
+    return parse_list(text, int, flag, low)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Secrets and local paths in saved text
-
-
-def _looks_like_local_path(value: str) -> bool:
-    """Absolute, home-relative or parent-relative paths: they tell about the machine, not about the run."""
-    return value.startswith(("/", "~", "../")) or bool(re.match(r"^[A-Za-z]:[\\/]", value))
-
-
-def redact_command(argv, keep_paths: bool = False) -> list:
-    """`argv` with secret flag values replaced by `REDACTED`, token-shaped strings removed, and (unless `keep_paths`)
-    local paths cut to their last component, so a command can go into a model card or a log that is shared."""
-    redacted, hide_next = [], False
-    for arg in (str(a) for a in argv):
-        if hide_next:
-            redacted.append(REDACTED)
-            hide_next = False
-            continue
-        flag, eq, value = arg.partition("=")
-        if SECRET_FLAG.match(flag):
-            if eq:
-                redacted.append(f"{flag}={REDACTED}")
-            else:
-                redacted.append(arg)
-                hide_next = True
-            continue
-        if not keep_paths:
-            if eq and flag.startswith("-") and _looks_like_local_path(value):
-                arg = f"{flag}={os.path.basename(os.path.normpath(value))}"
-            elif not eq and not arg.startswith("-") and _looks_like_local_path(arg):
-                arg = os.path.basename(os.path.normpath(os.path.expanduser(arg))) or arg
-        redacted.append(HF_TOKEN_PATTERN.sub(REDACTED, arg))
-    return redacted
-
-
-def redact_text(text: str, secrets=()) -> str:
-    """`text` with every given secret and every Hugging Face token-shaped string replaced by `REDACTED`."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, REDACTED)
-    return HF_TOKEN_PATTERN.sub(REDACTED, text)
-
-
-def is_secret_name(name: str) -> bool:
-    """True for option or config names that hold secrets (hub_token, api_key, password, ...)."""
-    return bool(SECRET_FLAG.match("--" + name.lstrip("-")))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-def format_megabytes(num_bytes: float) -> str:
-    return f"{max(num_bytes, 0) / 2**20:,.0f} MB" if num_bytes >= 2**20 else f"{max(num_bytes, 0) / 2**20:.2f} MB"
-
-
-def free_bytes(folder: str) -> int:
-    """Free space of the file system holding `folder` (or its nearest existing parent)."""
-    folder = os.path.abspath(folder)
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    return shutil.disk_usage(folder).free
-
-
-def _os_error(code: int, message: str) -> OSError:
-    """An OSError with an errno whose text is just `message` (no "[Errno 28]" in front)."""
-    error = OSError(message)
-    error.errno = code
-    return error
-
-
-def write_error(folder: str, needed_bytes, error: BaseException, what: str = "the file") -> OSError:
-    """The OSError to raise when writing `what` into `folder` failed: "no space left" when it is that (an ENOSPC
-    errno, or less free space than needed; call it before removing the partial files, which a full disk leaves)."""
-    needed = f"needed ~{format_megabytes(needed_bytes)}, " if needed_bytes else ""
-    free = free_bytes(folder)
-    full = getattr(error, "errno", None) in NO_SPACE_ERRNOS or (needed_bytes and free < needed_bytes)
-    if full:
-        return _os_error(
-            errno.ENOSPC,
-            f"No space left in {folder} ({needed}{format_megabytes(free)} free) while writing {what}; nothing "
-            "was left half-written. Free some space (e.g. delete old checkpoint-* folders or lower "
-            "--checkpoints_total_limit) or write elsewhere, then run again.",
-        )
-    return _os_error(
-        getattr(error, "errno", None) or errno.EIO,
-        f"Could not write {what} into {folder} ({needed}{format_megabytes(free)} free): {error}. Nothing was left "
-        "half-written.",
-    )
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_output(path: str, needed_bytes: int = 0):
-    """Yields a temporary path next to `path`; renames it onto `path` when the block completes, removes it when the
-    block fails. Write errors become an OSError that names the folder and the space needed."""
-    path = os.path.abspath(path)
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    name, suffix = os.path.splitext(os.path.basename(path))
-    handle, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".tmp{suffix}", dir=folder)
-    os.close(handle)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; the result gets the mode a plain open() gives
-    try:
-        yield tmp
-        os.replace(tmp, path)  # atomic on one file system: readers see the old file or the new one, never a mix
-    except WRITE_ERRORS as error:
-        failure = write_error(folder, needed_bytes or os.path.getsize(tmp), error, os.path.basename(path))
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise failure from error
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def write_text_atomic(path: str, text: str):
-    """Writes `text` (UTF-8) to `path` atomically."""
-    data = text.encode("utf-8")
-    with atomic_output(path, len(data)) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Image outputs
-
-
-def image_format(path: str, flag: str = "the output path") -> str:
-    """The PIL format for an image path (from its extension); a ValueError naming `flag` when PIL cannot write it."""
-    from PIL import Image
-
-    extension = os.path.splitext(str(path))[1].lower()
-    formats = Image.registered_extensions()
-    writable = sorted(ext for ext, fmt in formats.items() if fmt in Image.SAVE)
-    if extension not in formats or formats[extension] not in Image.SAVE:
-        shown = ", ".join(ext for ext in (".png", ".jpg", ".webp", ".bmp", ".tif") if ext in writable)
-        raise ValueError(
-            f"{flag} {path!r} must end in an image extension PIL can write ({shown}, ...), got "
-            f"{extension or 'no extension'!r}."
-        )
-    return formats[extension]
-
-
-def check_image_path(path: str, flag: str = "--output") -> str:
-    """Checks before any work that an image can be written at `path`: a writable format, not a folder, a parent that
-    is (or can be) a folder. Returns the PIL format."""
-    if os.path.isdir(path):
-        raise ValueError(f"{flag} {path!r} is a folder; pass a file name such as {os.path.join(path, 'samples.png')}.")
-    fmt = image_format(path, flag)
-    check_folder_path(os.path.dirname(os.path.abspath(path)), flag)
-    return fmt
-
-
-def check_folder_path(folder: str, flag: str):
-    """Checks that `folder` is a writable folder or can be created: no part of it is an existing file."""
-    probe = os.path.abspath(folder)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise ValueError(f"{flag} {folder!r} cannot be a folder: {probe} is a file.")
-    if not os.access(probe, os.W_OK):
-        raise ValueError(f"{flag} {folder!r}: {probe} is not writable.")
-
-
-def save_image_atomic(image, path: str):
-    """Saves a PIL image to `path` atomically, in the format its extension names."""
-    fmt = image_format(path)
-    with atomic_output(path) as tmp:
-        image.save(tmp, format=fmt)
+def __getattr__(name):
+    if name in _HOME:
+        module = _HOME[name]
+        warnings.warn(f"cm_diffusers.safety.{name} moved to cm_diffusers.{module}.{name}; import it from there (this "
+                      "alias will be removed in a future release).", FutureWarning, stacklevel=2)
+        return getattr(importlib.import_module(f".{module}", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -286,8 +286,9 @@ def test_evaluate_and_benchmark_reject_bad_flags(tiny_models, tmp_path, capsys):
     from cm_diffusers.cli import main
 
     model, teacher = tiny_models
-    assert main(["evaluate", "--model", model, "--steps", "1,0", "--output_dir", str(tmp_path)]) == 1
-    assert "--steps must list positive integers" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # refused when the command line is parsed, as every numeric flag
+        main(["evaluate", "--model", model, "--steps", "1,0", "--output_dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and "--steps must list integers >= 1, got '1,0'" in capsys.readouterr().err
     assert main(["evaluate", "--model", model, "--teacher_samplers", "heun,lms", "--output_dir", str(tmp_path)]) == 1
     assert "Unknown --teacher_samplers ['lms']" in capsys.readouterr().err
     assert main(["evaluate", "--model", "none", "--output_dir", str(tmp_path)]) == 1

@@ -1,4 +1,4 @@
-"""Security and failure behaviour (issue 12): secrets, NaN, resume flags, full disks, atomic outputs, commands that
+"""Security and failure behaviour: secrets, NaN, resume flags, full disks, atomic outputs, commands that
 read each other's files, bad flags, local paths, progress. Each test goes through a public command or API."""
 
 import json
@@ -106,7 +106,7 @@ def test_push_uploads_an_allow_list_and_refuses_files_holding_the_token(model_di
 
 def test_secret_flags_of_any_name_are_redacted_in_cards(model_dir, tmp_path, monkeypatch):
     from cm_diffusers.hub import save_model_card
-    from cm_diffusers.safety import redact_command
+    from cm_diffusers.redaction import redact_command
 
     assert redact_command(["--api_key", "abc", "--db-password=pw", "--hub_token", "t", "--lr", "1"]) == [
         "--api_key", "REDACTED", "--db-password=REDACTED", "--hub_token", "REDACTED", "--lr", "1"]  # fmt: skip

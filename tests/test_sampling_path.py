@@ -186,7 +186,7 @@ def test_num_timesteps_in_callback_on_step_end():
     assert seen == [(0, 3), (1, 3), (2, 3)] and pipe.num_timesteps == 3
 
 
-# -- input checks (issue 12, item 6) ---------------------------------------------------------------------------------
+# -- input checks -----------------------------------------------------------------------------------------------------
 
 
 def test_generator_list_of_the_wrong_length_is_refused_like_diffusers():
@@ -217,25 +217,6 @@ def test_chw_numpy_image_gets_a_layout_hint():
     pipe = make_pipe(in_channels=3)
     with pytest.raises(ValueError, match="channels-last"):
         pipe.denoise(np.zeros((3, 16, 16), dtype=np.float32), sigma=0.5)
-
-
-def test_pickle_only_weights_are_refused_before_unpickling(tmp_path):
-    pipe = make_pipe()
-    pipe.save_pretrained(tmp_path)
-    weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
-    weights.unlink()
-    marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
-    import pickle
-
-    (tmp_path / "unet" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
-    with pytest.raises(ValueError, match="safetensors only"):
-        ConsistencyPipeline.from_pretrained(tmp_path)
-    assert not marker.exists()
 
 
 def test_editing_options_are_checked_like_keyword_arguments():

@@ -155,7 +155,7 @@ def test_teacher_generates_what_sample_teacher_gives_offline_from_the_same_noise
     """`serve --teacher`: the same seed starts the teacher from the consistency model's noise; 4 Heun steps cost 7
     network evaluations; the images equal `sample_teacher`'s offline."""
     from cm_diffusers import load_teacher
-    from cm_diffusers.sampling import sample_teacher
+    from cm_diffusers.teacher_sampling import sample_teacher
 
     url, headers = server["url"] + "/v1/teacher/generate", {"Authorization": f"Bearer {KEY}"}
     response = requests.post(url, json={"num_images": 2, "seed": 5, "num_inference_steps": 4}, headers=headers,

@@ -86,3 +86,18 @@ def test_benchmarks_import_no_command_or_script():
                 [alias.name for alias in node.names] if isinstance(node, ast.Import) else [])  # fmt: skip
             for name in names:
                 assert not name.startswith(("cm_diffusers.commands", "training")), f"{path.name} imports {name}"
+
+
+def test_sampling_imports_no_teacher_code():
+    """The scheduler and the pipeline's sampling path stand alone: no teacher sampler or adapter is imported."""
+    paths = sorted(PACKAGE.rglob("*.py"))
+    modules = {module_name(path) for path in paths}
+    graph = {module_name(path): imported_modules(path, modules) for path in paths}
+    for start in ("cm_diffusers.sampling", "cm_diffusers.scheduling_consistency"):
+        seen, todo = set(), [start]
+        while todo:
+            node = todo.pop()
+            if node not in seen:
+                seen.add(node)
+                todo.extend(graph[node])
+        assert not seen & {"cm_diffusers.teacher_sampling", "cm_diffusers.teachers"}, (start, sorted(seen))

@@ -11,7 +11,6 @@ reads the 10k test images. Unreadable or non-image files are reported by name an
 """
 
 import argparse
-import gzip
 import io
 import logging
 import os
@@ -22,22 +21,25 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cm_diffusers.safety import positive_int
+from cm_diffusers.argtypes import positive_int
+from cm_diffusers.data import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    image_mode,
+    read_fashion_mnist,
+    read_fashion_mnist_labels,
+    resize_center_crop,
+)
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_NAMES = ("fashion_mnist", "fashion-mnist", "zalando-datasets/fashion_mnist")
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"
-)  # fmt: skip
 IMAGE_EXTENSIONS = {
     ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jp2", ".ico"
 }  # fmt: skip
 METADATA_FILES = {"metadata.csv", "metadata.jsonl", "metadata.parquet"}  # read by datasets' imagefolder builder
 LABEL_COLUMNS = ("label", "labels", "class", "class_label")
 FLIP_COLUMN = "_flip"
-GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -65,7 +67,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument(
         "--fashion_mnist_dir",
         type=str,
-        default=DEFAULT_FASHION_MNIST_DIR,
+        default=FASHION_MNIST_DIR,
         help="Folder with Fashion-MNIST's *-idx3-ubyte.gz / *-idx1-ubyte.gz files (--dataset_name fashion_mnist).",
     )
     group.add_argument("--cache_dir", type=str, default=None, help="Where datasets and Hub downloads are cached.")
@@ -116,18 +118,15 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def load_fashion_mnist(
-    directory: str = DEFAULT_FASHION_MNIST_DIR, split: str = "train", max_samples: Optional[int] = None
+    directory: str = FASHION_MNIST_DIR, split: str = "train", max_samples: Optional[int] = None
 ) -> datasets.Dataset:
     """Fashion-MNIST from its gzipped IDX files as a `datasets.Dataset` with an `image` and a `label` column.
 
     `max_samples` keeps the first images only (the files are in random order), before the PNG encoding.
     """
-    if split not in ("train", "test"):
+    if split not in ("train", "test"):  # the library also reads "t10k"; the flag offers the datasets names
         raise ValueError(f"Fashion-MNIST has the splits `train` and `test`, got --dataset_split {split!r}.")
-    prefix = "train" if split == "train" else "t10k"
-    images = _read_idx(os.path.join(directory, f"{prefix}-images-idx3-ubyte.gz"), magic=2051, offset=16)
-    labels = _read_idx(os.path.join(directory, f"{prefix}-labels-idx1-ubyte.gz"), magic=2049, offset=8)
-    images = images.reshape(-1, 28, 28)
+    images, labels = read_fashion_mnist(split, directory), read_fashion_mnist_labels(split, directory)
     if len(images) != len(labels):
         raise ValueError(f"Fashion-MNIST files in {directory} disagree: {len(images)} images, {len(labels)} labels.")
     images, labels = images[:max_samples], labels[:max_samples]
@@ -135,19 +134,6 @@ def load_fashion_mnist(
         {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(FASHION_MNIST_CLASSES))}
     )
     return datasets.Dataset.from_dict({"image": list(images), "label": labels.astype(np.int64)}, features=features)
-
-
-def _read_idx(path: str, magic: int, offset: int) -> np.ndarray:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{path} not found. Install Fashion-MNIST (`apt-get install dataset-fashion-mnist`, or `make data`) or "
-            "point --fashion_mnist_dir at a folder with the IDX .gz files."
-        )
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    if int.from_bytes(raw[:4], "big") != magic:
-        raise ValueError(f"{path} is not an IDX file (magic number {int.from_bytes(raw[:4], 'big')} != {magic}).")
-    return np.frombuffer(raw, dtype=np.uint8, offset=offset)
 
 
 def load_source(args) -> datasets.Dataset:
@@ -234,13 +220,7 @@ def preprocess_image(image: Image.Image, resolution: int, mode: str) -> torch.Te
     """PIL image -> C x H x W float tensor in [-1, 1]: convert, resize the shorter side, center-crop."""
     if image.mode != mode:
         image = image.convert(mode)
-    width, height = image.size
-    if (width, height) != (resolution, resolution):
-        scale = resolution / min(width, height)
-        width, height = max(resolution, round(width * scale)), max(resolution, round(height * scale))
-        image = image.resize((width, height), Image.BICUBIC)
-        left, top = (width - resolution) // 2, (height - resolution) // 2
-        image = image.crop((left, top, left + resolution, top + resolution))
+    image = resize_center_crop(image, resolution)
     pixels = torch.from_numpy(np.array(image, dtype=np.float32)) / 127.5 - 1.0
     return pixels[None] if pixels.ndim == 2 else pixels.permute(2, 0, 1).contiguous()
 
@@ -298,7 +278,7 @@ def build_dataset(args) -> datasets.Dataset:
         raise ValueError("The training data has no readable images.")
 
     first = dataset[0][args.image_column]
-    channels = args.channels or (1 if first.mode in GRAYSCALE_MODES else 3)
+    channels = args.channels or (1 if image_mode(first) == "L" else 3)
     mode = "L" if channels == 1 else "RGB"
     resolution = args.resolution or min(first.size)
     if args.random_flip:

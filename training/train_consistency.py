@@ -40,8 +40,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository's `training` package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cm_diffusers.networks import unet_forward  # noqa: E402
-from cm_diffusers.safety import (  # noqa: E402
+from cm_diffusers.argtypes import (  # noqa: E402
     finite_float,
     float_at_least,
     float_in,
@@ -51,6 +50,7 @@ from cm_diffusers.safety import (  # noqa: E402
     positive_float,
     positive_int,
 )
+from cm_diffusers.networks import unet_forward  # noqa: E402
 from cm_diffusers.training.args import add_optimization_args, add_output_args, record_command_line  # noqa: E402
 from cm_diffusers.training.checkpoints import raise_if_not_finite  # noqa: E402
 from cm_diffusers.training.consistency import (  # noqa: E402

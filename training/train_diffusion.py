@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 
-from cm_diffusers.safety import (  # noqa: E402
+from cm_diffusers.argtypes import (  # noqa: E402
     finite_float,
     int_at_least,
     positive_float,

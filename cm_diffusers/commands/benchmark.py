@@ -9,8 +9,9 @@ from typing import Optional
 
 import torch
 
+from ..argtypes import number_list, positive_float, positive_int
 from ..evaluation import consistency_generator, load_models, model_label, teacher_generator
-from ..safety import check_folder_path, positive_float, positive_int, write_text_atomic
+from ..files import check_folder_path, write_text_atomic
 
 
 def register(subparsers):
@@ -27,7 +28,8 @@ def register(subparsers):
                         help="Time the teacher at this NFE instead (with --teacher_sampler).")
     parser.add_argument("--teacher_sampler", default="heun", choices=["heun", "euler", "ddim"],
                         help="Sampler used with --teacher_nfe.")
-    parser.add_argument("--steps", default="1,2", help="Comma-separated consistency step counts to time.")
+    parser.add_argument("--steps", type=number_list(int, "--steps", low=1), default="1,2",
+                        help="Comma-separated consistency step counts to time.")
     parser.add_argument("--price_per_hour", type=positive_float, default=2.5,
                         help="Price of this machine per hour (USD).")
     parser.add_argument("--batch_size", type=positive_int, default=64, help="Images per batch.")
@@ -90,11 +92,9 @@ def matching_teacher(eval_report: dict, steps: int, model: Optional[str] = None)
 
 
 def run(args) -> int:
-    from .evaluate import parse_int_list
-
     if (args.eval_json is None) == (args.teacher_nfe is None):
         raise ValueError("Pass exactly one of --eval_json (match the teacher's FID) and --teacher_nfe (a fixed NFE).")
-    steps = parse_int_list(args.steps, "--steps")
+    steps = args.steps
     check_folder_path(os.path.dirname(os.path.abspath(args.output_json)), "--output_json")
     eval_report = None
     if args.eval_json is not None:

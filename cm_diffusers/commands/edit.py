@@ -5,18 +5,10 @@ import os
 import numpy as np
 import torch
 
+from ..argtypes import int_at_least, non_negative_int, number_list, positive_float, positive_int
+from ..files import check_image_path, save_image_atomic
 from ..images import image_grid
-from ..safety import (
-    check_image_path,
-    float_list,
-    int_at_least,
-    int_list,
-    non_negative_int,
-    positive_float,
-    positive_int,
-    save_image_atomic,
-)
-from .generate import DTYPES, list_type
+from .generate import DTYPES
 
 TASKS = {
     "inpaint": "Regenerate the white region of --mask, keep the rest of --image exactly.",
@@ -65,9 +57,9 @@ def _add_common_arguments(parser, task):
         parser.add_argument("--steps", type=positive_int, default=None,
                             help=f"Number of network evaluations (default {1 if task == 'interpolate' else 10}).")
     if task != "denoise":
-        parser.add_argument("--timesteps", type=list_type(int_list, "--timesteps"), default=None,
+        parser.add_argument("--timesteps", type=number_list(int, "--timesteps", low=0), default=None,
                             help="Comma-separated descending grid indices, e.g. 22,0 (instead of --steps).")
-        parser.add_argument("--sigmas", type=list_type(float_list, "--sigmas"), default=None,
+        parser.add_argument("--sigmas", type=number_list(float, "--sigmas"), default=None,
                             help="Comma-separated descending noise levels (instead of --steps)"
                                  + ("; default: the paper's 5.38,2.24 scaled by sigma_max / 80." if task == "stroke"
                                     else "."))

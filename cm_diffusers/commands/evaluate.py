@@ -4,13 +4,14 @@ sweep, with wall time per image; writes results.json, fid_vs_nfe.png, fid_vs_tim
 Rows are named by the model they measure (its card's name, folder name, repo id or shipped name), and a warning says
 when the reference images are not what the model's card records as its training data."""
 
-import math
 import os
 
 import torch
 
+from ..argtypes import int_at_least, number_list, positive_int
 from ..evaluation.runs import DEFAULT_STEPS, DEFAULT_TEACHER_NFE, DEFAULT_TEACHER_SAMPLERS
-from ..safety import check_folder_path, int_at_least, positive_int
+from ..files import check_folder_path
+from ..validation import parse_list
 
 
 def register(subparsers):
@@ -23,14 +24,15 @@ def register(subparsers):
     parser.add_argument("--teacher", default=None,
                         help="Teacher diffusion model: folder, Hub repo id or shipped name (fashion-mnist-ddpm); "
                         "DDPM or EDM, see cm_diffusers.load_teacher. Optional.")
-    parser.add_argument("--steps", default=DEFAULT_STEPS, help="Comma-separated consistency step counts.")
+    parser.add_argument("--steps", type=number_list(int, "--steps", low=1), default=DEFAULT_STEPS,
+                        help="Comma-separated consistency step counts.")
     parser.add_argument("--sigmas", default=None,
                         help="Extra consistency schedules as explicit noise levels, ';' between schedules, e.g. "
                         "'80,0.821' (the 2-step schedule a model card recommends); evaluated besides --steps.")
     parser.add_argument("--teacher_samplers", default=DEFAULT_TEACHER_SAMPLERS,
                         help="Comma-separated teacher samplers: heun, euler (PF-ODE on a Karras grid), ddim (DDPM "
                         "teachers only).")
-    parser.add_argument("--teacher_nfe", default=DEFAULT_TEACHER_NFE,
+    parser.add_argument("--teacher_nfe", type=number_list(int, "--teacher_nfe", low=1), default=DEFAULT_TEACHER_NFE,
                         help="Comma-separated NFE budgets for the teacher (Heun uses the largest 2n-1 that fits).")
     parser.add_argument("--teacher_clip_denoised", default="auto", choices=["auto", "yes", "no"],
                         help="Clamp the teacher's x0 predictions to [-1, 1] in every sampler (auto: when its "
@@ -62,28 +64,12 @@ def register(subparsers):
     parser.set_defaults(func=run)
 
 
-def parse_int_list(text: str, flag: str) -> list:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}.") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"{flag} must list positive integers, got {text!r}.")
-    return values
-
-
 def parse_sigma_schedules(text) -> list:
     """'80,0.821;80,2,0.5' -> [[80.0, 0.821], [80.0, 2.0, 0.5]] (finite numbers; the order is the scheduler's
     to check)."""
     if not text:
         return []
-    try:
-        schedules = [[float(v) for v in part.split(",") if v.strip()] for part in text.split(";") if part.strip()]
-    except ValueError:
-        raise ValueError(f"--sigmas must be comma-separated numbers, ';' between schedules, got {text!r}.") from None
-    if not all(math.isfinite(sigma) for schedule in schedules for sigma in schedule):
-        raise ValueError(f"--sigmas must be finite numbers, got {text!r}.")
-    return schedules
+    return [parse_list(part, float, "--sigmas") for part in text.split(";") if part.strip()]
 
 
 def settings_from_args(args):
@@ -115,11 +101,10 @@ def run(args) -> int:
         run_metadata,
         write_report,
     )
-    from ..sampling import TEACHER_SAMPLERS
     from ..shipped_models import DEFAULT_MODEL
+    from ..teacher_sampling import TEACHER_SAMPLERS
 
-    steps = parse_int_list(args.steps, "--steps")
-    nfes = parse_int_list(args.teacher_nfe, "--teacher_nfe")
+    steps, nfes = args.steps, args.teacher_nfe
     samplers = [s.strip() for s in args.teacher_samplers.split(",") if s.strip()]
     unknown = sorted(set(samplers) - set(TEACHER_SAMPLERS))
     if unknown:

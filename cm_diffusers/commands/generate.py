@@ -4,14 +4,14 @@ Every flag and the output paths are checked before the model is loaded; images a
 and an atomic rename, so two processes writing the same path leave one complete image, never a mix.
 """
 
-import argparse
 import os
 
 import numpy as np
 import torch
 
+from ..argtypes import number_list, positive_int
+from ..files import check_folder_path, check_image_path, save_image_atomic
 from ..images import image_grid
-from ..safety import check_folder_path, check_image_path, float_list, int_list, positive_int, save_image_atomic
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -23,13 +23,13 @@ def register(subparsers):
     parser.add_argument("--num_images", type=positive_int, default=16, help="Number of images to generate.")
     parser.add_argument("--batch_size", type=positive_int, default=64, help="Images per network call.")
     parser.add_argument("--steps", type=positive_int, default=None, help="Number of consistency steps (default 1).")
-    parser.add_argument("--timesteps", type=list_type(int_list, "--timesteps"), default=None,
+    parser.add_argument("--timesteps", type=number_list(int, "--timesteps", low=0), default=None,
                         help="Comma-separated descending grid indices, e.g. 22,0 (instead of --steps).")
-    parser.add_argument("--ts", type=list_type(int_list, "--ts"), default=None,
+    parser.add_argument("--ts", type=number_list(int, "--ts", low=0), default=None,
                         help="OpenAI's ascending grid indices, e.g. 0,22,39 (the same schedule as --timesteps 22,0).")
-    parser.add_argument("--sigmas", type=list_type(float_list, "--sigmas"), default=None,
+    parser.add_argument("--sigmas", type=number_list(float, "--sigmas"), default=None,
                         help="Comma-separated descending noise levels (instead of --steps).")
-    parser.add_argument("--class_labels", type=list_type(int_list, "--class_labels"), default=None,
+    parser.add_argument("--class_labels", type=number_list(int, "--class_labels", low=0), default=None,
                         help="Comma-separated labels (one, or one per image) for class-conditional models.")
     parser.add_argument("--seed", type=int, default=0, help="Random seed; the same seed gives the same images.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device.")
@@ -39,20 +39,6 @@ def register(subparsers):
     parser.add_argument("--save_images_dir", default=None, help="Also write each image as a PNG into this folder.")
     parser.add_argument("--nrow", type=positive_int, default=None, help="Images per grid row (default: square-ish).")
     parser.set_defaults(func=run)
-
-
-def list_type(parse, flag: str):
-    """An argparse type for a comma-separated list: `parse(text, flag)`'s ValueError becomes argparse's message."""
-
-    def convert(text: str) -> list:
-        try:
-            return parse(text, flag)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    convert.__name__ = flag.lstrip("-")
-    return convert
-
 
 
 def run(args) -> int:

@@ -1,12 +1,11 @@
 """`cm-diffusers card FOLDER` writes or refreshes a model card; `cm-diffusers push FOLDER --repo_id ID` uploads the
 pipeline folder to the Hugging Face Hub (configs, safetensors, card and sample grids only)."""
 
-import argparse
 import json
 import os
 
+from ..argtypes import number_list, positive_int
 from ..hub import MODES
-from ..safety import float_list, int_list, positive_int
 
 
 def register(subparsers):
@@ -25,8 +24,10 @@ def register(subparsers):
     card.add_argument("--train_steps", type=positive_int, help="Number of training steps.")
     card.add_argument("--loss", help="The consistency loss distance, e.g. pseudo_huber or lpips.")
     card.add_argument("--num_inference_steps", type=positive_int, help="Recommended number of sampling steps.")
-    card.add_argument("--timesteps", type=_int_list, help='Recommended descending timesteps, e.g. "22,0".')
-    card.add_argument("--sigmas", type=_float_list, help='Recommended descending noise levels, e.g. "80,0.8".')
+    card.add_argument("--timesteps", type=number_list(int, "--timesteps", low=0),
+                      help='Recommended descending timesteps, e.g. "22,0".')
+    card.add_argument("--sigmas", type=number_list(float, "--sigmas"),
+                      help='Recommended descending noise levels, e.g. "80,0.8".')
     card.add_argument("--sample_grid", help="File name of a sample image inside FOLDER.")
     card.add_argument(
         "--eval_results",
@@ -123,17 +124,3 @@ def _eval_results_arg(value: str) -> dict:
     if "results" in data:
         data = eval_results_from_report(data)
     return check_eval_results(data)
-
-
-def _int_list(text: str) -> list:
-    try:
-        return int_list(text, "--timesteps")
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _float_list(text: str) -> list:
-    try:
-        return float_list(text, "--sigmas")
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None

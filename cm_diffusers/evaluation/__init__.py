@@ -4,6 +4,7 @@
 The commands `evaluate` and `benchmark` and the scripts in `benchmarks/` are thin wrappers over this package.
 """
 
+from ..data import FASHION_MNIST_DIR, read_fashion_mnist
 from .metrics import (
     FEATURE_DIM,
     INCEPTION_INSTALL,
@@ -21,9 +22,7 @@ from .metrics import (
 )
 from .reference import (
     DEFAULT_CACHE_DIR,
-    FASHION_MNIST_DIR,
     ReferenceStatistics,
-    read_fashion_mnist,
     reference_images,
     reference_statistics,
     subset_indices,

@@ -1,6 +1,5 @@
 """Reference images (Fashion-MNIST IDX files, image folders, datasets) and their cached Inception statistics."""
 
-import gzip
 import hashlib
 import logging
 import math
@@ -12,11 +11,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..data import image_mode, read_fashion_mnist, resize_center_crop
 from .metrics import InceptionFeatureExtractor, extract_features, statistics_from_features
 
 logger = logging.getLogger(__name__)
 
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_REFERENCES = {"fashion-mnist-train": "train", "fashion-mnist-test": "t10k"}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 CACHE_VERSION = 1
@@ -26,41 +25,10 @@ DEFAULT_CACHE_DIR = os.environ.get("CM_DIFFUSERS_FID_CACHE", ".fid_cache")
 # Reference images
 
 
-def read_fashion_mnist(split: str = "train", directory: str = FASHION_MNIST_DIR) -> np.ndarray:
-    """Fashion-MNIST images as uint8 (N, 28, 28) from the gzipped IDX file (pixels start at byte 16)."""
-    prefix = {"train": "train", "test": "t10k", "t10k": "t10k"}.get(split)
-    if prefix is None:
-        raise ValueError(f"Fashion-MNIST splits are `train` and `test`, got {split!r}.")
-    path = os.path.join(directory, f"{prefix}-images-idx3-ubyte.gz")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{path} not found. Install Fashion-MNIST with `apt-get install dataset-fashion-mnist` (or `make data`)."
-        )
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    if int.from_bytes(raw[:4], "big") != 2051:
-        raise ValueError(f"{path} is not an IDX image file (bad magic number).")
-    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(-1, 28, 28)
-
-
-def _resize_square(image, resolution: int):
-    """PIL image -> resolution x resolution: bicubic resize of the shorter side, center crop (as training/data.py)."""
-    from PIL import Image
-
-    width, height = image.size
-    if (width, height) == (resolution, resolution):
-        return image
-    scale = resolution / min(width, height)
-    width, height = max(resolution, round(width * scale)), max(resolution, round(height * scale))
-    image = image.resize((width, height), Image.BICUBIC)
-    left, top = (width - resolution) // 2, (height - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
-
-
 def _pil_to_uint8(image, resolution: Optional[int]) -> np.ndarray:
-    image = image.convert("L") if image.mode in ("1", "L", "LA", "I", "I;16", "F") else image.convert("RGB")
+    image = image.convert(image_mode(image))
     if resolution is not None:
-        image = _resize_square(image, resolution)
+        image = resize_center_crop(image, resolution)
     array = np.asarray(image, dtype=np.uint8)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 

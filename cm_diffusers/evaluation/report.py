@@ -7,7 +7,7 @@ import platform
 
 import torch
 
-from ..safety import atomic_output, write_text_atomic
+from ..files import atomic_output, write_text_atomic
 
 
 def plot_results(results: list, output_dir: str, title: str = "") -> list:

@@ -127,7 +127,7 @@ def consistency_generator(pipe, num_steps: int | None = None, sigmas=None):
 
 def teacher_generator(teacher, sampler: str, nfe: int, device, clip_denoised=None):
     """generate(n, generator) -> n images in [0, 1] from the teacher with `sampler` at `nfe` evaluations."""
-    from ..sampling import sample_teacher
+    from ..teacher_sampling import sample_teacher
 
     config = teacher.unet.config
     size = config.sample_size
@@ -146,7 +146,7 @@ def teacher_generator(teacher, sampler: str, nfe: int, device, clip_denoised=Non
 
 def teacher_configurations(samplers: list, nfes: list, kind: str) -> list:
     """(sampler, nfe actually used) pairs, without duplicates (Heun at NFE 2 is Heun at NFE 1)."""
-    from ..sampling import TEACHER_SAMPLERS, nfe_for_steps, steps_for_nfe
+    from ..teacher_sampling import TEACHER_SAMPLERS, nfe_for_steps, steps_for_nfe
 
     configurations = []
     for sampler in samplers:
@@ -296,7 +296,7 @@ def evaluate_consistency_model(pipe, steps: Sequence[int], reference, extractor,
 def evaluate_teacher(teacher, samplers: Sequence[str], nfes: Sequence[int], reference, extractor,
                      settings: EvalSettings, name: str = "teacher", clip_denoised: str = "auto") -> list:
     """Records of the teacher for each sampler at each NFE budget (`clip_denoised`: auto, yes or no)."""
-    from ..sampling import steps_for_nfe, teacher_clips_denoised
+    from ..teacher_sampling import steps_for_nfe, teacher_clips_denoised
 
     clip = teacher_clips_denoised(teacher) if clip_denoised == "auto" else clip_denoised == "yes"
     return [

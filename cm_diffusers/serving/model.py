@@ -412,7 +412,7 @@ class ConsistencyModel:
 
     def _sample_teacher(self, latents: torch.Tensor, num_steps: int, class_labels):
         """Runs on the model thread: the teacher's own sampler (`sample_teacher`), `num_steps` Heun steps."""
-        from ..sampling import nfe_for_steps, sample_teacher
+        from ..teacher_sampling import nfe_for_steps, sample_teacher
 
         return sample_teacher(self.teacher, latents, TEACHER_SAMPLER, nfe=nfe_for_steps(TEACHER_SAMPLER, num_steps),
                               class_labels=class_labels)

@@ -1,6 +1,6 @@
 """The command-line flags both training scripts share, as argparse groups; each script passes its own defaults.
 
-Every numeric flag is checked when it is parsed (the types of `cm_diffusers.safety`), so a bad value fails at once
+Every numeric flag is checked when it is parsed (the types of `cm_diffusers.argtypes`), so a bad value fails at once
 with a message naming the flag, never after minutes of data loading.
 """
 
@@ -8,7 +8,8 @@ import argparse
 import shlex
 import sys
 
-from ..safety import float_in, non_negative_float, non_negative_int, positive_float, positive_int, redact_command
+from ..argtypes import float_in, non_negative_float, non_negative_int, positive_float, positive_int
+from ..redaction import redact_command
 
 BETA = float_in(0, 1, high_open=True)  # Adam's betas and EMA decays: [0, 1)
 LR_SCHEDULES = ["constant", "constant_with_warmup", "cosine", "linear"]

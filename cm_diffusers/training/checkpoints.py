@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..safety import WRITE_ERRORS, free_bytes, write_error
+from ..files import WRITE_ERRORS, free_bytes, write_error
 
 logger = logging.getLogger(__name__)
 

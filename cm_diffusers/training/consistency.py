@@ -10,11 +10,11 @@ import torch
 from diffusers import UNet2DModel
 from diffusers.configuration_utils import FrozenDict
 
+from ..files import save_image_atomic
 from ..images import image_grid
 from ..losses import Curriculum, DenoiserLoss, build_loss, make_distance
 from ..parameterization import karras_sigmas
 from ..pipeline_consistency import ConsistencyPipeline
-from ..safety import save_image_atomic
 from ..scheduling_consistency import ConsistencyScheduler
 from .checkpoints import save_pretrained_atomic
 from .runtime import default_unet_config
@@ -132,7 +132,7 @@ def build_curriculum(args) -> Curriculum:
 def teacher_clip_denoised(choice: str, teacher) -> bool:
     """--teacher_clip_denoised: yes/no, or auto = whatever the teacher's own sampler does (DDPM `clip_sample`)."""
     if choice == "auto":
-        from ..sampling import teacher_clips_denoised
+        from ..teacher_sampling import teacher_clips_denoised
 
         return teacher is not None and teacher_clips_denoised(teacher)
     return choice == "yes"

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from ..safety import is_secret_name, redact_command
+from ..redaction import is_secret_name, redact_command
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cm_diffusers.parameterization import append_dims, karras_sigmas
-from cm_diffusers.sampling import (
+from cm_diffusers.teacher_sampling import (
     nfe_for_steps,
     ode_sigmas,
     sample_ddim,
