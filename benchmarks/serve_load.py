@@ -397,7 +397,7 @@ def hops(pipe, repeats: int = 200) -> dict:
     png = io.BytesIO()
     image.save(png, format="PNG")
     with torch.no_grad():
-        forward = median_ms(lambda: pipe.denoise_raw(sigma[0] * latents, sigma[:1]))
+        forward = median_ms(lambda: pipe.consistency_function(sigma[0] * latents, sigma[:1], clip_denoised=False))
     return {
         "offline_call_ms": median_ms(lambda: pipe(batch_size=1, generator=torch.Generator().manual_seed(0))),
         "forward_ms": forward,

@@ -31,6 +31,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from ..validation import InputError, parse_list
 from .schemas import (
     EDIT_TASK_TABLE,
     EDIT_TASKS,
@@ -602,13 +603,13 @@ def _check_steps(num_inference_steps, timesteps, sigmas, limits):
 
 
 def _form_list(text: str | None, kind, field: str):
+    """A comma-separated form field as a list (`validation.parse_list`), None when absent; 422 naming the field."""
     if text is None or not text.strip():
         return None
     try:
-        return [kind(value) for value in text.replace(" ", "").split(",") if value]
-    except ValueError:
-        raise ApiError(422, "validation_error", f"{field}: expected comma-separated {kind.__name__}s, got {text!r}.",
-                       field)
+        return parse_list(text, kind, field)
+    except InputError as error:
+        raise ApiError(422, "validation_error", str(error), error.field or field)
 
 
 async def _read_image(upload, field: str, limits) -> PIL.Image.Image:

@@ -18,7 +18,6 @@ The class needs no Ray: `embedded.py` uses it in the API's own process, `deploym
 import asyncio
 import concurrent.futures
 import io
-import re
 import secrets
 import threading
 import time
@@ -305,7 +304,7 @@ class ConsistencyModel:
         try:
             sigmas = self.pipe.sampling_sigmas(**_schedule_of(request))
         except BAD_INPUT as error:
-            return request_error(_schedule_field(request), str(error))
+            return request_error(getattr(error, "field", None) or _schedule_field(request), str(error))
         try:
             generator, latents, labels = self._starting_noise(request, seed)
         except BAD_INPUT as error:
@@ -373,9 +372,9 @@ class ConsistencyModel:
         for request in requests.values():
             request.first_pass = request.first_pass or now
         labels = [evaluation.class_labels for evaluation in batch]
-        output = self.pipe.denoise_raw(torch.cat([evaluation.x for evaluation in batch]),
-                                       torch.cat([evaluation.sigma for evaluation in batch]),
-                                       None if labels[0] is None else torch.cat(labels))
+        output = self.pipe.consistency_function(torch.cat([evaluation.x for evaluation in batch]),
+                                                torch.cat([evaluation.sigma for evaluation in batch]),
+                                                None if labels[0] is None else torch.cat(labels), clip_denoised=False)
         self._stats["forward_passes"] += 1
         self._stats["network_evaluations"] += rows
         return list(output.split([evaluation.rows for evaluation in batch]))
@@ -472,19 +471,18 @@ class ConsistencyModel:
         try:
             pil_images, nfe = await asyncio.get_running_loop().run_in_executor(self.executor, run)
         except BAD_INPUT as error:
-            return request_error(_field_of(str(error), spec), str(error))
+            return request_error(_field_of(error, spec), str(error))
         fmt = options.get("output_format", "png")
         images = await asyncio.to_thread(lambda: [_encode_image(pil, fmt) for pil in pil_images])
         return {"images": images, "seed": seed, "model": self.name, "nfe": nfe,
                 "latency_ms": (time.perf_counter() - started) * 1000}
 
 
-def _field_of(message: str, spec) -> str:
-    """The form field of an edit task that a pipeline error is about: the field it names (`like_this`) if the task
-    takes it; a schedule the task does not take by that name (denoise's `sigma` makes its `sigmas`) is the task's
+def _field_of(error: Exception, spec) -> str:
+    """The form field of an edit task that a pipeline error is about: the field it carries (`InputError.field`) if the
+    task takes it; a schedule the task does not take by that name (denoise's `sigma` makes its `sigmas`) is the task's
     schedule field; anything else is about the image."""
-    match = re.search(r"`(\w+)`", message)
-    named = match.group(1) if match else None
+    named = getattr(error, "field", None)
     if named in spec.fields or named in ("image", "mask"):
         return named
     if named in ("sigmas", "timesteps", "num_inference_steps"):
