@@ -14,8 +14,8 @@ Starts the server on the shipped model (its own process group, loopback only), t
                pass at batch 1, PNG encoding and base64 of one image, measured in this process.
 Batch sizes formed come from the server's /metrics (histogram deltas per phase). Errors must be 0 outside the
 fault run. Targets: throughput_ratio >= 0.8 and p99 at 50 % load <= 3 x the unloaded p50.
-Writes benchmarks/results/serve_load.{json,png}. The load generator (asyncio + aiohttp) shares the machine's cores
-with the server: on a small machine, read the ratios more than the absolute numbers.
+Writes benchmarks/results/serve_load_ENGINE.{json,png}. The load generator (asyncio + aiohttp) shares the machine's
+cores with the server: on a small machine, read the ratios more than the absolute numbers.
 
     python benchmarks/serve_load.py [--model fashion-mnist-cd] [--max_batch_size 32] [--phase_s 15] [--quick]
 """
@@ -47,6 +47,9 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="fashion-mnist-cd", help="Model to serve (shipped name or folder).")
     parser.add_argument("--engine", choices=("embedded", "ray"), default="embedded", help="`serve --engine`.")
+    parser.add_argument("--device", default="cpu", help="Device of the server's model and of the offline pipeline.")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                        help="Dtype of both.")
     parser.add_argument("--max_batch_size", type=int, default=32, help="Server max batch size (images).")
     parser.add_argument("--batch_wait_ms", type=float, default=5.0, help="Server batch wait.")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the replica and of the offline run.")
@@ -69,7 +72,8 @@ def local_server(args, log_path) -> LocalServer:
     with open(key_file, "w") as f:
         f.write(KEY + "\n")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OMP_WAIT_POLICY="PASSIVE", CM_DIFFUSERS_API_KEYS="")
-    command = ["serve", "--engine", args.engine, "--model", args.model, "--api_key_file", key_file, "--device", "cpu",
+    command = ["serve", "--engine", args.engine, "--model", args.model, "--api_key_file", key_file,
+               "--device", args.device, "--dtype", args.dtype,
                "--rate_limit", "0", "--auth_failures_per_minute", "0",
                "--max_batch_size", str(args.max_batch_size), "--batch_wait_ms", str(args.batch_wait_ms),
                "--num_cpus_per_replica", str(args.threads)]  # fmt: skip
@@ -312,7 +316,7 @@ def main():
     result = {"config": {**vars(args), "host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
                          "request": {"num_images": 1, "num_inference_steps": 1}}}
 
-    pipe = ConsistencyPipeline.from_pretrained(args.model)
+    pipe = ConsistencyPipeline.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     pipe(batch_size=args.max_batch_size)  # warm-up
     result["load_average"] = {"start": round(os.getloadavg()[0], 2)}
