@@ -407,7 +407,8 @@ def test_a_client_that_goes_away_is_logged_once_as_499_and_its_work_is_dropped(s
 def test_a_light_request_waits_about_one_forward_pass_behind_a_heavy_one_from_another_key(server):
     """Key A asks for the most the limits allow (48 images x 40 steps: 120 forward passes of the batch limit, 16
     rows); key B then asks for 1 image. B's answer comes within 4 forward passes of the batch limit (measured from
-    A's own time per pass) plus 0.5 s, long before A's."""
+    A's own time per pass) plus 0.5 s, long before A's; a second request from A meanwhile is refused (429: A already
+    holds its share of admitted work)."""
     results = {}
 
     def heavy():
@@ -419,7 +420,10 @@ def test_a_light_request_waits_about_one_forward_pass_behind_a_heavy_one_from_an
     started = time.perf_counter()
     light = _post(server, {"num_images": 1, "seed": 1}, key=LIGHT_KEY)
     light_s = time.perf_counter() - started
+    over = _post(server, {"num_images": 1, "seed": 2})  # key A already holds a maximal request's cost
     thread.join(300)
+    _assert_error(over, 429, None)
+    assert over.json()["error"]["type"] == "over_capacity" and int(over.headers["Retry-After"]) >= 1
     assert light.status_code == 200 and results["a"].status_code == 200, results["a"].text
     heavy_s = results["a"].json()["latency_ms"] / 1000
     per_pass = heavy_s / (3 * 40)
@@ -667,3 +671,18 @@ def test_without_api_keys_the_server_binds_to_loopback_only(tmp_path):
     assert load_api_keys(str(key_file), environ={"CM_DIFFUSERS_API_KEYS": f"{OTHER_KEY}, "}) == [OTHER_KEY, KEY]
     with pytest.raises(FileNotFoundError):
         load_api_keys(str(tmp_path / "missing"), environ={})
+    key_file.write_bytes(f"\ufeff{KEY}  # first\n{OTHER_KEY}#second\n".encode("utf-8"))
+    assert load_api_keys(str(key_file), environ={}) == [KEY, OTHER_KEY]
+    key_file.write_text(f"{KEY} {OTHER_KEY}\n")
+    with pytest.raises(ValueError, match="line 1: a key must not contain spaces"):
+        load_api_keys(str(key_file), environ={})
+
+
+def test_cluster_flags_need_the_ray_engine():
+    import subprocess
+    import sys
+
+    for flags in (["--address", "auto"], ["--num_replicas", "2"]):
+        result = subprocess.run([sys.executable, "-m", "cm_diffusers.cli", "serve", *flags], capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode != 0 and "--engine ray" in result.stderr, result.stderr[-2000:]
