@@ -9,7 +9,8 @@ from ray import serve
 from ray.exceptions import RayError, RayTaskError
 from ray.serve.exceptions import RayServeException
 
-from .app import REQUEST_ID_PATTERN, BackendUnavailable, ServerState, create_app
+from .app import BackendUnavailable, create_app
+from .middleware import REQUEST_ID_PATTERN, ServerState
 from .model import ConsistencyModel
 from .schemas import Limits, ServerSettings, hash_key, load_api_keys
 

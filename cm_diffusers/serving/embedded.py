@@ -12,7 +12,8 @@ import time
 
 import uvicorn
 
-from .app import ServerState, create_app
+from .app import create_app
+from .middleware import ServerState
 from .model import ConsistencyModel
 from .schemas import ServerSettings
 
