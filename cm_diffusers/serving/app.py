@@ -151,7 +151,7 @@ def create_app(backend, settings: ServerSettings, echo_request_id: bool = True, 
             raise ApiError(e.get("status", 422), e["type"], e["message"], e.get("field"))
         return result
 
-    def images_response(request: Request, result: dict, route: str) -> ImagesResponse:
+    def images_response(request: Request, result: dict, route: str) -> Response:
         request.scope["state"]["images"] = len(result["images"])
         metrics.images.labels(route).inc(len(result["images"]))
         if result.get("batches") is not None:
@@ -159,9 +159,10 @@ def create_app(backend, settings: ServerSettings, echo_request_id: bool = True, 
             for batch in result["batches"]:
                 metrics.batch_size.observe(batch["images"])
                 metrics.batch_requests.observe(batch["requests"])
-        return ImagesResponse(images=[base64.b64encode(image).decode("ascii") for image in result["images"]],
+        body = ImagesResponse(images=[base64.b64encode(image).decode("ascii") for image in result["images"]],
                               seed=result["seed"], model=result["model"], nfe=result["nfe"],
                               latency_ms=result["latency_ms"])
+        return Response(body.model_dump_json(), media_type="application/json")  # validated once, not again
 
     # -- routes ----------------------------------------------------------------------------------------------------
 
