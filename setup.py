@@ -28,8 +28,9 @@ setup(
         "train": ["tensorboard>=2.14"],
         # The HTTP API (`cm-diffusers serve`): Ray Serve brings FastAPI, uvicorn, pydantic and prometheus_client.
         "serve": ["ray[serve]==2.60.0", "python-multipart>=0.0.9", "requests>=2.28"],
+        # schemathesis fuzzes the HTTP API from its OpenAPI schema; psutil reads the server's listening sockets.
         "test": ["pytest>=8", "pytest-timeout>=2.2", "scipy>=1.10", "matplotlib>=3.7", "tensorboard>=2.14", "ruff",
-                 "selenium>=4.20"],
+                 "selenium>=4.20", "schemathesis==4.32.5", "psutil>=5.9"],
     },
     entry_points={"console_scripts": ["cm-diffusers=cm_diffusers.cli:main"]},
 )

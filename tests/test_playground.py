@@ -1,6 +1,7 @@
-"""The web playground in a real browser: `cm-diffusers serve --ui --teacher fashion-mnist-ddpm` (real Ray Serve, real
-HTTP on loopback), driven by headless Debian Chromium through selenium. Screenshots land in the test's temporary
-folder (and in $CM_DIFFUSERS_SCREENSHOT_DIR when set, which is how docs/images/playground-*.png are made)."""
+"""The web playground in a real browser: `cm-diffusers serve --ui --teacher fashion-mnist-ddpm` (the default
+embedded engine, real HTTP on loopback), driven by headless Debian Chromium through selenium. Screenshots land in the
+test's temporary folder (and in $CM_DIFFUSERS_SCREENSHOT_DIR when set, which is how docs/images/playground-*.png are
+made)."""
 
 import base64
 import io
@@ -25,7 +26,7 @@ SERVER_START_S = 300
 WAIT_S = 120
 
 selenium = pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[test]')")
-pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install -e '.[serve]')")
+pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install -e '.[serve]')")
 if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
     pytest.skip("Debian's chromium and chromium-driver are not installed (`make browser`, or "
                 "`apt-get install -y chromium chromium-driver`)", allow_module_level=True)

@@ -1,4 +1,5 @@
-"""`cm-diffusers serve`: the real-time HTTP API (Ray Serve + FastAPI) for one consistency model."""
+"""`cm-diffusers serve`: the real-time HTTP API for one consistency model: embedded (uvicorn, one process) by default,
+or on Ray Serve (`--engine ray`: replicas, clusters)."""
 
 import os
 import signal
@@ -10,11 +11,15 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 def register(subparsers):
     parser = subparsers.add_parser(
-        "serve", help="Serve a model over HTTP (Ray Serve): /v1/generate, /v1/edit/{task}, /metrics, /docs.",
-        description="Starts a local Ray instance (or joins --address) and serves the model with dynamic batching, "
-                    "API keys, limits and Prometheus metrics. Stop it with SIGTERM to this process (kill PID): "
-                    "requests in flight complete first. Ctrl-C in a terminal also reaches Ray's own processes and "
-                    "stops at once.")
+        "serve", help="Serve a model over HTTP: /v1/generate, /v1/edit/{task}, /metrics, /docs.",
+        description="Serves the model with dynamic batching, API keys, limits and Prometheus metrics, in this process "
+                    "(--engine embedded, the default) or on Ray Serve (--engine ray: a local Ray instance, or "
+                    "--address to join a cluster; replicas). Stop it with SIGTERM (kill PID) or Ctrl-C: /readyz "
+                    "turns 503, new requests get 503 with Retry-After, requests in flight complete, then the port "
+                    "closes; a second signal stops at once.")
+    parser.add_argument("--engine", choices=("embedded", "ray"), default="embedded",
+                        help="embedded (default): uvicorn and the model in this process, nothing else listening; "
+                             "ray: Ray Serve (needed for --num_replicas > 1 and --address).")
     parser.add_argument("--model", default="fashion-mnist-cd",
                         help="Pipeline folder, Hub repo id, or shipped short name (default: fashion-mnist-cd).")
     parser.add_argument("--teacher", default=None,
@@ -44,8 +49,14 @@ def register(subparsers):
                         help="Heun steps per /v1/teacher/generate request (2n - 1 network evaluations).")
     parser.add_argument("--rate_limit", type=float, default=600,
                         help="Requests per minute per API key (0 = unlimited).")
+    parser.add_argument("--auth_failures_per_minute", type=float, default=30,
+                        help="Failed authentications per minute per client address before it gets 429s for every "
+                             "key (0 = unlimited).")
     parser.add_argument("--request_timeout_s", type=float, default=60,
                         help="Requests unanswered after this many seconds get a 503.")
+    parser.add_argument("--drain_s", type=float, default=1.0,
+                        help="On SIGTERM, answer 503 (and /readyz 503) for at least this long before the port closes, "
+                             "so that load balancers stop sending first (default 1).")
     parser.add_argument("--ui", action="store_true", help="Also serve the playground page at /ui.")
     parser.set_defaults(func=run)
 
@@ -70,6 +81,7 @@ def build_settings(args, keys):
         num_threads=max(1, int(args.num_cpus_per_replica)), api_key_hashes=[hash_key(key) for key in keys],
         limits=Limits(max_images=args.max_images, max_steps=args.max_steps,
                       max_teacher_steps=args.max_teacher_steps, rate_limit_per_minute=args.rate_limit,
+                      auth_failures_per_minute=args.auth_failures_per_minute,
                       request_timeout_s=args.request_timeout_s),
         ui=args.ui,
     )
@@ -81,9 +93,10 @@ def _check_args(args):
     for name in ("port", "num_replicas", "max_batch_size", "max_images", "max_steps", "max_teacher_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
-    if args.num_cpus_per_replica <= 0 or args.batch_wait_ms < 0 or args.request_timeout_s <= 0 or args.rate_limit < 0:
-        raise ValueError("--num_cpus_per_replica and --request_timeout_s must be positive, --batch_wait_ms and "
-                         "--rate_limit not negative.")
+    if args.num_cpus_per_replica <= 0 or args.batch_wait_ms < 0 or args.request_timeout_s <= 0 or args.rate_limit < 0 \
+            or args.auth_failures_per_minute < 0 or args.drain_s < 0:
+        raise ValueError("--num_cpus_per_replica and --request_timeout_s must be positive, --batch_wait_ms, "
+                         "--rate_limit, --auth_failures_per_minute and --drain_s not negative.")
     model = resolve_pretrained(os.path.expanduser(args.model))
     looks_like_path = str(model).startswith(("/", ".", "~")) or str(model).count("/") > 1
     if looks_like_path and not os.path.isfile(os.path.join(model, "model_index.json")):
@@ -100,14 +113,13 @@ def _check_args(args):
 
 def run(args) -> int:
     _check_args(args)
+    if args.engine == "embedded" and (args.address or args.num_replicas != 1):
+        raise ValueError("--address and --num_replicas need Ray Serve: add --engine ray.")
     try:
-        import ray
-        from ray import serve
+        import torch
+        import uvicorn  # noqa: F401
     except ImportError:
-        raise ValueError("Serving needs Ray Serve: pip install 'cm_diffusers[serve]'.") from None
-    import torch
-
-    from ..serving.deployment import APP_NAME, build_application
+        raise ValueError("Serving needs the serve extra: pip install 'cm_diffusers[serve]'.") from None
     from ..serving.schemas import load_api_keys
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -116,6 +128,47 @@ def run(args) -> int:
     if note:
         print(f"cm-diffusers serve: {note}", file=sys.stderr)
     settings = build_settings(args, keys)
+    return _run_embedded(args, settings) if args.engine == "embedded" else _run_ray(args, settings)
+
+
+def _ready_line(args) -> str:
+    url = f"http://{args.host}:{args.port}"
+    teacher = f", teacher {args.teacher}" if args.teacher else ""
+    return (f"cm-diffusers serve: ready at {url} (model {args.model}{teacher}, {args.engine} engine, "
+            f"{args.num_replicas} replica(s), max batch {args.max_batch_size}; API docs at {url}/docs"
+            f"{', playground at ' + url + '/ui' if args.ui else ''})")
+
+
+def _run_embedded(args, settings) -> int:
+    import asyncio
+
+    from ..serving.embedded import build_server
+
+    server = build_server(settings, args.host, args.port, drain_s=args.drain_s)
+
+    async def serve():
+        task = asyncio.get_running_loop().create_task(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.05)
+        if server.started:
+            print(_ready_line(args), flush=True)
+        await task
+
+    asyncio.run(serve())
+    if not server.started:
+        raise ValueError(f"could not listen on {args.host}:{args.port} (in use?).")
+    print("cm-diffusers serve: stopped", flush=True)
+    return 0
+
+
+def _run_ray(args, settings) -> int:
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise ValueError("--engine ray needs Ray Serve: pip install 'cm_diffusers[serve]'.") from None
+    from ..serving.deployment import APP_NAME, build_application, drain_application, ray_init_options
+
     actor_options = {"num_cpus": args.num_cpus_per_replica}
     if settings.device.startswith("cuda"):
         actor_options["num_gpus"] = 1
@@ -123,7 +176,12 @@ def run(args) -> int:
     local = args.address is None
     if local:
         num_cpus = max(os.cpu_count() or 1, int(args.num_replicas * args.num_cpus_per_replica + 0.999))
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="warning")
+        ray.init(**ray_init_options(args.host, num_cpus))
+        if args.host in LOOPBACK:
+            print("cm-diffusers serve: warning: with --engine ray, Ray's own servers (GCS, raylet, agents, workers, "
+                  "replicas) listen on all interfaces whatever --host says (Ray 2.60 has no option to confine them); "
+                  "firewall this machine, or use the default --engine embedded, which opens only the API's port.",
+                  file=sys.stderr, flush=True)
     else:
         ray.init(address=args.address, logging_level="warning")
     stop = threading.Event()
@@ -133,23 +191,17 @@ def run(args) -> int:
         serve.start(http_options={"host": args.host, "port": args.port})
         app = build_application(settings, num_replicas=args.num_replicas, ray_actor_options=actor_options)
         serve.run(app, name=APP_NAME, route_prefix="/")
-        url = f"http://{args.host}:{args.port}"
-        teacher = f", teacher {args.teacher}" if args.teacher else ""
-        print(f"cm-diffusers serve: ready at {url} (model {args.model}{teacher}, {args.num_replicas} replica(s), "
-              f"max batch {args.max_batch_size}; API docs at {url}/docs"
-              f"{', playground at ' + url + '/ui' if args.ui else ''})",
-              flush=True)
+        print(_ready_line(args), flush=True)
         if not local:
             print(f"cm-diffusers serve: deployed onto the Ray cluster at {args.address} as application {APP_NAME!r}; "
                   f"remove it with `serve shutdown` or `serve delete {APP_NAME}`.", flush=True)
             return 0
         while not stop.wait(0.5):
             pass
-        print("cm-diffusers serve: shutting down (requests in flight complete first)", flush=True)
-        # Deleting the application first lets its replicas finish the requests they hold while the HTTP proxy is
-        # still up to deliver the answers; serve.shutdown() alone can stop the proxy under them.
-        serve.delete(APP_NAME)
-        serve.shutdown()
+        print("cm-diffusers serve: draining (requests in flight complete first)", flush=True)
+        # The ingress answers 503 JSON (and /readyz 503) from now on; once nothing is in flight, Ray stops with its
+        # proxy, which closes the port. Deleting the application first would leave the proxy answering 404 meanwhile.
+        drain_application(args.drain_s, settings.limits.request_timeout_s + 5)
         return 0
     except RuntimeError as error:
         raise ValueError(f"the deployment failed to start: {str(error).splitlines()[0]}") from None

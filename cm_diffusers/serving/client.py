@@ -7,7 +7,8 @@ import PIL.Image
 
 
 class APIError(Exception):
-    """An error answer of the server: HTTP `status`, error `type`, the `field` it names (if any), `request_id`."""
+    """An error answer of the server: HTTP `status`, error `type`, the `field` it names (if any), `request_id`, and
+    `retry_after` (seconds as an int, when the server said when to retry)."""
 
     def __init__(self, status: int, kind: str, message: str, field=None, request_id=None, retry_after=None):
         super().__init__(f"{status} {kind}: {message}" + (f" (request {request_id})" if request_id else ""))
@@ -49,9 +50,10 @@ class Client:
             body = {}
         if response.status_code >= 400:
             error = body.get("error") if isinstance(body.get("error"), dict) else {}
+            retry_after = response.headers.get("Retry-After", "")
             raise APIError(response.status_code, error.get("type", "http_error"), error.get("message", response.text),
                            error.get("field"), response.headers.get("X-Request-ID"),
-                           response.headers.get("Retry-After"))
+                           int(retry_after) if retry_after.isdigit() else None)
         return body
 
     def _images(self, body: dict) -> list:
@@ -86,10 +88,12 @@ class Client:
         return self._request("GET", "/v1/models")["models"]
 
     def ready(self) -> bool:
-        """Whether a model replica is loaded (`GET /readyz`)."""
+        """Whether the server answers and a model replica is loaded (`GET /readyz`); False when it is down."""
+        import requests
+
         try:
             return self._request("GET", "/readyz").get("status") == "ready"
-        except APIError:
+        except (APIError, requests.ConnectionError, requests.Timeout):
             return False
 
 

@@ -10,6 +10,7 @@ from ray.exceptions import RayError, RayTaskError
 from ray.serve.exceptions import RayServeException
 
 from .app import BackendUnavailable, create_app
+from .middleware import REQUEST_ID_PATTERN, ServerState
 from .model import ConsistencyModel
 from .schemas import Limits, ServerSettings, hash_key, load_api_keys
 
@@ -32,14 +33,17 @@ class HandleBackend:
         except (RayError, RayServeException) as error:  # replica died or restarting, back-pressure, cancelled
             raise BackendUnavailable(type(error).__name__) from error
 
-    async def generate(self, request: dict) -> dict:
-        return await self._call("generate", request)
+    async def generate(self, request: dict, key=None) -> dict:
+        return await self._call("generate", request, key)
 
-    async def teacher_generate(self, request: dict) -> dict:
-        return await self._call("teacher_generate", request)
+    async def teacher_generate(self, request: dict, key=None) -> dict:
+        return await self._call("teacher_generate", request, key)
 
-    async def edit(self, task, image, mask, options) -> dict:
-        return await self._call("edit", task, image, mask, options)
+    async def edit(self, task, image, mask, options, key=None) -> dict:
+        return await self._call("edit", task, image, mask, options, key)
+
+    async def stats(self) -> dict:
+        return await self._call("stats")
 
     async def info(self) -> dict:
         return await self._call("info")
@@ -55,9 +59,46 @@ class APIIngress:
     def __init__(self, model_handle, settings: dict):
         self.backend = HandleBackend(model_handle)
         self.settings = ServerSettings(**settings)
+        self.state = ServerState()
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.backend, self.settings, echo_request_id=False)
+        return create_app(self.backend, self.settings, echo_request_id=False, state=self.state)
+
+    def drain(self) -> int:
+        """From now on /readyz answers 503 and new /v1 requests 503 JSON with Retry-After; returns the requests in
+        flight."""
+        self.state.draining = True
+        return self.state.busy
+
+
+class RequestIdGuard:
+    """ASGI middleware of Ray's HTTP proxy (outside its own request-id middleware): an `X-Request-ID` that is not
+    printable ASCII without spaces (1-128 characters) is dropped, so that the proxy gives the request a new id, which
+    the response header, the error body and the access log then all carry."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = scope["headers"]
+            kept = [(name, value) for name, value in headers
+                    if name.lower() != b"x-request-id" or REQUEST_ID_PATTERN.match(value.decode("latin-1"))]
+            if len(kept) != len(headers):
+                scope = dict(scope, headers=kept)
+        await self.app(scope, receive, send)
+
+
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+PROXY_CALLBACK = "cm_diffusers.serving.deployment:proxy_middlewares"
+
+
+def proxy_middlewares() -> list:
+    """The middlewares of Ray's HTTP proxy (Ray calls this, in the proxy process, when the environment variable
+    RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH names it; `serve --engine ray` sets it for its local Ray instance)."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(RequestIdGuard)]
 
 
 def build_application(settings: ServerSettings, num_replicas: int = 1, ray_actor_options: dict | None = None,
@@ -104,3 +145,30 @@ def app_builder(args: dict):
     limits = Limits(**args.pop("limits", {}) or {})
     settings = ServerSettings(**args, limits=limits, api_key_hashes=[hash_key(key) for key in keys])
     return build_application(settings)
+
+
+def drain_application(drain_s: float, timeout_s: float):
+    """Drains every ingress replica of the application (see `APIIngress.drain`) and waits, at least `drain_s` and at
+    most `timeout_s` seconds, until none has a request in flight."""
+    import time
+
+    handle = serve.get_deployment_handle(INGRESS_DEPLOYMENT, APP_NAME)
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        busy = handle.drain.remote().result()  # one replica per call: with several, repeat until all are idle
+        if not busy and time.monotonic() - started >= drain_s:
+            return
+        time.sleep(0.05)
+
+
+def ray_init_options(host: str, num_cpus: int) -> dict:
+    """`ray.init` arguments of the local Ray instance of `serve --engine ray`: with a loopback API, its node address is
+    127.0.0.1 (what Ray advertises and connects to; its gRPC servers and agents still bind to all interfaces, which Ray
+    2.60 cannot change), and no dashboard is started; the HTTP proxy gets `proxy_middlewares`."""
+    import os
+
+    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)  # inherited by the Ray processes started here
+    options = {"address": "local", "num_cpus": num_cpus, "include_dashboard": False, "logging_level": "warning"}
+    if host in ("127.0.0.1", "localhost", "::1"):
+        options["_node_ip_address"] = "127.0.0.1"
+    return options

@@ -1,42 +1,40 @@
-"""The model deployment: loads a `ConsistencyPipeline` once per replica and batches generation across requests.
+"""The model deployment: loads a `ConsistencyPipeline` once per replica and batches generation across requests, one
+forward pass at a time.
 
-Requests that share a noise schedule share a forward pass (`@serve.batch`, bounded by `max_batch_size` images and
-`batch_wait_ms`). Each request draws its noise and class labels from its own `torch.Generator` exactly as
-`ConsistencyPipeline.__call__` draws them, and its re-noising draws between steps too, so a seeded request gives
-the same images alone, batched with others, or split across several forward passes. The sampling itself is the
-pipeline's (`sampling_sigmas`, `prepare_latents`, `prepare_class_labels`, `sample`, `postprocess`); this module only
-groups, concatenates and splits. All model calls run on one thread per replica, so nothing the pipeline holds is
-ever used by two requests at once; the event loop stays free to queue the next batch meanwhile. With a teacher
-(`serve --teacher`), `teacher_generate` samples it unbatched on the same thread with `sample_teacher` (Heun on a
-Karras grid), from the noise a `generate` request of the same seed starts from.
+A generation request is cut into parts of at most `max_batch_size` rows. Each part runs the pipeline's sampling
+loop (`consistency_sample`, as `ConsistencyPipeline.sample` runs it) on a thread of its own, whose network
+evaluations are handed to the batcher: every forward pass takes the evaluations waiting, in turns across API keys
+(the key served longest ago first), up to `max_batch_size` rows, whatever their noise levels (the UNet takes one sigma
+per row). So a light request behind a heavy one from another key waits about one forward pass, not the heavy one's
+whole schedule; and a request that is cancelled (it timed out, or its client went away) has its waiting evaluations
+dropped and runs no further pass. Each request draws its noise and class labels from its own `torch.Generator`
+exactly as `ConsistencyPipeline.__call__` draws them, and its re-noising draws between steps too, so a seeded request
+gives the same images alone, batched with others, or split across several forward passes. All model calls run on one
+thread per replica. Edits and the teacher (`serve --teacher`) run whole on that thread, unbatched.
+
+The class needs no Ray: `embedded.py` uses it in the API's own process, `deployment.py` as a Ray Serve deployment.
 """
 
 import asyncio
+import concurrent.futures
 import io
-import re
 import secrets
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Callable
 
 import torch
-from ray import serve
 
-from .schemas import EDIT_TASKS, ServerSettings
+from .schemas import EDIT_TASK_TABLE, EDIT_TASKS, ServerSettings
 
 TEACHER_ENDPOINT = "/v1/teacher/generate"
 TEACHER_SAMPLER = "heun"  # on a Karras grid between the teacher's sigma_min and sigma_max, as `sample_teacher` does
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# The editing method of each task, and the form fields it takes besides the image(s).
-EDIT_METHODS = {
-    "inpaint": ("inpaint", ("num_inference_steps", "timesteps", "sigmas", "class_labels")),
-    "super-resolve": ("super_resolve", ("scale_factor", "num_inference_steps", "timesteps", "sigmas", "class_labels")),
-    "denoise": ("denoise", ("sigma", "add_noise", "class_labels")),
-    "colorize": ("colorize", ("num_inference_steps", "timesteps", "sigmas", "class_labels")),
-    "stroke": ("stroke_edit", ("timesteps", "sigmas", "class_labels")),
-}
-REQUIRED_EDIT_OPTIONS = {"super-resolve": ("scale_factor",), "denoise": ("sigma",)}
+BAD_INPUT = (ValueError, ArithmeticError)  # what the pipeline raises on input it refuses (a 422, never a 500)
+INLINE_ENCODE_VALUES = 4 * 3 * 64 * 64  # outputs up to this many values are encoded on the event loop
 
 
 def request_error(field: str | None, message: str, kind: str = "validation_error", status: int = 422) -> dict:
@@ -44,19 +42,32 @@ def request_error(field: str | None, message: str, kind: str = "validation_error
     return {"error": {"type": kind, "field": field, "message": message, "status": status}}
 
 
-@dataclass
-class _Part:
-    """Up to `max_batch_size` rows of one request, queued for a batched forward pass."""
+class Cancelled(Exception):
+    """The request of a part was cancelled: its sampling loop stops at its next network evaluation."""
 
-    schedule: tuple
-    latents: torch.Tensor
+
+@dataclass
+class _Request:
+    key: str | None
+    arrived: float
+    cancelled: bool = False
+    first_pass: float | None = None
+    batches: list = dataclass_field(default_factory=list)
+
+
+@dataclass
+class _Evaluation:
+    """One network evaluation of one part, waiting for a forward pass."""
+
+    request: _Request
+    x: torch.Tensor
+    sigma: torch.Tensor
     class_labels: torch.Tensor | None
-    noise: Callable
-    queued_at: float
+    result: concurrent.futures.Future
 
     @property
     def rows(self) -> int:
-        return self.latents.shape[0]
+        return self.x.shape[0]
 
 
 class _RequestNoise:
@@ -69,26 +80,125 @@ class _RequestNoise:
         self.randn = grouped_randn([generator], [num_rows], device=device, dtype=dtype)
         self.num_rows = num_rows
         self.draws = []
+        self.lock = threading.Lock()  # parts run on threads of their own
 
     def rows(self, start: int, stop: int) -> Callable:
         calls = 0
 
         def randn(shape):
             nonlocal calls
-            if calls == len(self.draws):
-                self.draws.append(self.randn((self.num_rows, *shape[1:])))
-            calls += 1
-            return self.draws[calls - 1][start:stop]
+            with self.lock:
+                if calls == len(self.draws):
+                    self.draws.append(self.randn((self.num_rows, *shape[1:])))
+                calls += 1
+                return self.draws[calls - 1][start:stop]
 
         return randn
 
 
-def _images_in(parts) -> int:
-    return sum(part.rows for part in parts)
+class _Batcher:
+    """Forms the forward passes: waiting evaluations in turns across keys, up to `max_rows` rows; runs them with
+    `run(evaluations)` on the model thread. `submit` may be called from any thread."""
+
+    def __init__(self, run: Callable, executor, max_rows: int, wait_s: float):
+        self.run, self.executor, self.max_rows, self.wait_s = run, executor, max_rows, wait_s
+        self.waiting: list = []
+        self.stepping = 0  # parts between two evaluations (their next one comes within microseconds)
+        self.served = {}  # key -> number of the last pass that served it
+        self.passes = 0
+        self.loop = None
+        self.wakeup = None
+        self.task = None
+
+    def start(self):
+        if self.task is None or self.loop is not asyncio.get_running_loop():  # (a new event loop: tests)
+            self.loop = asyncio.get_running_loop()
+            self.wakeup = asyncio.Event()
+            self.task = self.loop.create_task(self._serve())
+
+    def submit(self, evaluation: _Evaluation):
+        self.loop.call_soon_threadsafe(self._add, evaluation)
+
+    def part_started(self):
+        """On the event loop, before a part's thread starts: it will send its first evaluation."""
+        self.stepping += 1
+
+    def part_done(self):
+        self.loop.call_soon_threadsafe(self._step_done)
+
+    def _add(self, evaluation):
+        self._step_done()
+        self.waiting.append(evaluation)
+        self.wakeup.set()
+
+    def _step_done(self):
+        self.stepping = max(0, self.stepping - 1)
+        if not self.stepping:
+            self.wakeup.set()
+
+    async def _serve(self):
+        while True:
+            await self.wakeup.wait()
+            self.wakeup.clear()
+            # Parts that just finished a step send their next evaluation at once: wait for them (at most wait_s)
+            # so that a multistep request is not cut into one pass per step of each of its parts.
+            deadline = time.monotonic() + self.wait_s
+            while self.stepping and sum(e.rows for e in self.waiting) < self.max_rows and time.monotonic() < deadline:
+                self.wakeup.clear()
+                try:
+                    await asyncio.wait_for(self.wakeup.wait(), deadline - time.monotonic())
+                except asyncio.TimeoutError:
+                    break
+            batch = self._pick()
+            if not batch:
+                continue
+            self.passes += 1
+            for evaluation in batch:
+                self.served[evaluation.request.key] = self.passes
+            self.stepping += len(batch)
+            try:
+                outputs = await self.loop.run_in_executor(self.executor, self.run, batch)
+            except BaseException as error:  # a bug in the model code: every part of the pass gets it
+                for evaluation in batch:
+                    evaluation.result.set_exception(error)
+                if isinstance(error, asyncio.CancelledError):
+                    raise
+                continue
+            for evaluation, output in zip(batch, outputs):
+                evaluation.result.set_result(output)
+            if self.waiting:
+                self.wakeup.set()
+
+    def _pick(self) -> list:
+        """Drops cancelled evaluations; then, key by key (served longest ago first), one evaluation per key per
+        round, while they fit in `max_rows` (the first always goes, whatever its size)."""
+        kept = []
+        for evaluation in self.waiting:
+            if evaluation.request.cancelled:
+                evaluation.result.set_exception(Cancelled())
+                self.stepping += 1  # its part ends now (and says so)
+            else:
+                kept.append(evaluation)
+        queues = {}
+        for evaluation in kept:
+            queues.setdefault(evaluation.request.key, []).append(evaluation)
+        order = sorted(queues, key=lambda key: self.served.get(key, 0))
+        batch, rows, progress = [], 0, True
+        while progress:
+            progress = False
+            for key in order:
+                queue = queues[key]
+                if queue and (not batch or rows + queue[0].rows <= self.max_rows):  # one per key per round
+                    batch.append(queue.pop(0))
+                    rows += batch[-1].rows
+                    progress = True
+        self.waiting = [e for queue in queues.values() for e in queue]
+        self.waiting.sort(key=lambda e: e.request.arrived)
+        return batch
 
 
 class ConsistencyModel:
-    """One replica: the pipeline, one model thread, and the batched generation method."""
+    """One replica: the pipeline, one model thread, the batcher of forward passes, and the request methods."""
 
     def __init__(self, settings: dict):
         from ..pipeline_consistency import ConsistencyPipeline
@@ -101,15 +211,12 @@ class ConsistencyModel:
         self.pipe.set_progress_bar_config(disable=True)
         self.name = self.settings.model_name or self.settings.model
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cm-model")
-        self.generate_batch.set_max_batch_size(self.settings.max_batch_size)
-        self.generate_batch.set_batch_wait_timeout_s(self.settings.batch_wait_ms / 1000)
+        # The parts' sampling loops wait on their evaluations; admission bounds how many there are.
+        self.part_threads = ThreadPoolExecutor(max_workers=512, thread_name_prefix="cm-part")
+        self.batcher = _Batcher(self._forward, self.executor, self.settings.max_batch_size,
+                                self.settings.batch_wait_ms / 1000)
         self._info = self._model_info()
-        self._batch_id = 0
-        # Ray Serve (2.60) forms the next batch while the previous one runs, so without this gate the requests that
-        # arrive during a forward pass are cut into small batches every `batch_wait_ms`; held here until the pass
-        # ends, they join one full batch.
-        self._model_free = asyncio.Event()
-        self._model_free.set()
+        self._stats = {"forward_passes": 0, "network_evaluations": 0, "cancelled_requests": 0}
         self._unet_calls = 0  # network evaluations, counted on the model thread (an edit's NFE)
         self.pipe.unet.register_forward_pre_hook(self._count_unet_call)
         self.teacher = self._load_teacher(self.settings.teacher) if self.settings.teacher else None
@@ -185,84 +292,103 @@ class ConsistencyModel:
         labels = self.pipe.prepare_class_labels(request["num_images"], request.get("class_labels"), generator)
         return generator, latents, labels
 
-    async def generate(self, request: dict) -> dict:
-        """One `/v1/generate` request (a `GenerateRequest` as a dict) -> encoded images and batching statistics."""
+    def stats(self) -> dict:
+        """Counters of the model: forward passes, image rows evaluated, requests cancelled."""
+        return dict(self._stats)
+
+    async def generate(self, request: dict, key: str | None = None) -> dict:
+        """One `/v1/generate` request (a `GenerateRequest` as a dict) from API key `key` -> encoded images and batching
+        statistics. Cancelling the call (a timeout, a client gone) drops the request's remaining forward passes."""
         started = time.perf_counter()
         seed = request["seed"] if request.get("seed") is not None else secrets.randbelow(2**32)
         num_images = request["num_images"]
-        schedule_given = request.get("timesteps") is not None or request.get("sigmas") is not None
         try:
-            sigmas = self.pipe.sampling_sigmas(
-                num_inference_steps=None if schedule_given else request.get("num_inference_steps"),
-                timesteps=request.get("timesteps"), sigmas=request.get("sigmas"))
-        except ValueError as error:
-            field = "timesteps" if request.get("timesteps") is not None else \
-                "sigmas" if request.get("sigmas") is not None else "num_inference_steps"
-            return request_error(field, str(error))
+            sigmas = self.pipe.sampling_sigmas(**_schedule_of(request))
+        except BAD_INPUT as error:
+            return request_error(getattr(error, "field", None) or _schedule_field(request), str(error))
         try:
             generator, latents, labels = self._starting_noise(request, seed)
-        except ValueError as error:
+        except BAD_INPUT as error:
             return request_error("class_labels", str(error))
 
-        # Split into parts of at most max_batch_size rows; each part joins a batch with other requests' parts.
+        self.batcher.start()
+        state = _Request(key, started)
         step = self.settings.max_batch_size
         noise = _RequestNoise(generator, num_images, latents.device, latents.dtype)
-        schedule = tuple(sigmas.tolist())
-        parts = [
-            _Part(schedule, latents[start:start + step], None if labels is None else labels[start:start + step],
-                  noise.rows(start, min(start + step, num_images)), time.perf_counter())
-            for start in range(0, num_images, step)
-        ]
-        await self._model_free.wait()
-        results = await asyncio.gather(*(self.generate_batch(part) for part in parts))
-        sample = torch.cat([result["sample"] for result in results])
-        images = await asyncio.to_thread(self._encode, sample, request.get("output_format", "png"))
+        schedule = sigmas.tolist()
+        loop = asyncio.get_running_loop()
+        parts = []
+        for start in range(0, num_images, step):
+            stop = min(start + step, num_images)
+            self.batcher.part_started()
+            parts.append(loop.run_in_executor(
+                self.part_threads, self._sample_part, state, latents[start:stop],
+                None if labels is None else labels[start:stop], schedule, noise.rows(start, stop)))
+        try:
+            samples = await asyncio.gather(*parts)
+        except BaseException:
+            state.cancelled = True
+            self._stats["cancelled_requests"] += 1
+            for part in parts:  # they end at their next evaluation; nothing waits for them
+                part.add_done_callback(lambda done: done.cancelled() or done.exception())
+            raise
+        sample, output_format = torch.cat(samples), request.get("output_format", "png")
+        # A few small images encode in microseconds: a thread hop would cost more than it frees the event loop.
+        images = self._encode(sample, output_format) if sample[0].numel() * len(sample) <= INLINE_ENCODE_VALUES \
+            else await asyncio.to_thread(self._encode, sample, output_format)
         return {
             "images": images, "seed": seed, "model": self.name, "nfe": len(schedule),
             "latency_ms": (time.perf_counter() - started) * 1000,
-            "queue_wait_s": max(result["queue_wait_s"] for result in results),
-            "batches": [result["batch"] for result in results if result["batch"] is not None],
+            "queue_wait_s": (state.first_pass or time.perf_counter()) - started, "batches": state.batches,
         }
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
-    async def generate_batch(self, parts: list) -> list:
-        """One forward pass per schedule over the queued parts (the limits are set per replica in `__init__`)."""
-        started = time.perf_counter()
-        self._model_free.clear()
+    def _sample_part(self, state: _Request, latents, class_labels, schedule: list, randn) -> torch.Tensor:
+        """Runs on a part thread: the pipeline's sampling loop, its network evaluations batched by the batcher."""
+        from ..sampling import consistency_sample
+
+        config = self.pipe.scheduler.config
+
+        def evaluate(x, sigma):
+            if state.cancelled:
+                raise Cancelled()
+            result = concurrent.futures.Future()
+            self.batcher.submit(_Evaluation(state, x, sigma, class_labels, result))
+            return result.result()
+
         try:
-            samples = await asyncio.get_running_loop().run_in_executor(self.executor, self._sample_parts, parts)
+            with torch.no_grad():
+                return consistency_sample(evaluate, latents, schedule, config.sigma_min, config.s_noise,
+                                          config.clip_denoised, randn=randn)
         finally:
-            self._model_free.set()
-        self._batch_id += 1
-        batch = {"id": self._batch_id, "images": _images_in(parts), "requests": len(parts)}
-        # Each batch is reported once, with its first part, so that the server's histogram counts batches.
-        return [{"sample": sample, "queue_wait_s": started - part.queued_at, "batch": batch if i == 0 else None}
-                for i, (part, sample) in enumerate(zip(parts, samples))]
+            self.batcher.part_done()
 
     @torch.no_grad()
-    def _sample_parts(self, parts: list) -> list:
-        """Runs on the model thread: one `pipe.sample` per distinct schedule; returns each part's samples."""
-        samples = [None] * len(parts)
-        for schedule in dict.fromkeys(part.schedule for part in parts):
-            group = [i for i, part in enumerate(parts) if part.schedule == schedule]
-
-            def randn(shape, group=group):
-                return torch.cat([parts[i].noise((parts[i].rows, *shape[1:])) for i in group])
-
-            labels = [parts[i].class_labels for i in group]
-            sample = self.pipe.sample(
-                torch.cat([parts[i].latents for i in group]), torch.tensor(schedule, dtype=torch.float32),
-                class_labels=None if labels[0] is None else torch.cat(labels), randn=randn)
-            for i, rows in zip(group, sample.split([parts[i].rows for i in group])):
-                samples[i] = rows
-        return samples
+    def _forward(self, batch: list) -> list:
+        """Runs on the model thread: one forward pass over the evaluations of `batch` (one sigma per row)."""
+        now = time.perf_counter()
+        requests = {}
+        for evaluation in batch:
+            requests.setdefault(id(evaluation.request), evaluation.request)
+        rows = sum(evaluation.rows for evaluation in batch)
+        report = {"images": rows, "requests": len(requests)}
+        first = next(iter(requests.values()))
+        first.batches.append(report)  # each pass reported once, so that the server's histograms count passes
+        for request in requests.values():
+            request.first_pass = request.first_pass or now
+        labels = [evaluation.class_labels for evaluation in batch]
+        output = self.pipe.consistency_function(torch.cat([evaluation.x for evaluation in batch]),
+                                                torch.cat([evaluation.sigma for evaluation in batch]),
+                                                None if labels[0] is None else torch.cat(labels), clip_denoised=False)
+        self._stats["forward_passes"] += 1
+        self._stats["network_evaluations"] += rows
+        return list(output.split([evaluation.rows for evaluation in batch]))
 
     def _encode(self, sample: torch.Tensor, output_format: str) -> list:
         return [_encode_image(image, output_format) for image in self.pipe.postprocess(sample, "pil")]
 
     # -- the teacher -----------------------------------------------------------------------------------------------
 
-    async def teacher_generate(self, request: dict) -> dict:
+    async def teacher_generate(self, request: dict, key: str | None = None) -> dict:
         """One `/v1/teacher/generate` request (a `GenerateRequest` as a dict, `num_inference_steps` = Heun steps),
         unbatched: the noise and labels are drawn as `generate` draws them, so one seed starts both models alike."""
         started = time.perf_counter()
@@ -279,9 +405,8 @@ class ConsistencyModel:
         seed = request["seed"] if request.get("seed") is not None else secrets.randbelow(2**32)
         try:
             _, latents, labels = self._starting_noise(request, seed)
-        except ValueError as error:
+        except BAD_INPUT as error:
             return request_error("class_labels", str(error))
-        await self._model_free.wait()
         output = await asyncio.get_running_loop().run_in_executor(
             self.executor, self._sample_teacher, latents, num_steps, labels)
         images = await asyncio.to_thread(self._encode, output.sample, request.get("output_format", "png"))
@@ -297,26 +422,30 @@ class ConsistencyModel:
 
     # -- editing ---------------------------------------------------------------------------------------------------
 
-    async def edit(self, task: str, image, mask, options: dict) -> dict:
+    async def edit(self, task: str, image, mask, options: dict, key: str | None = None) -> dict:
         """One `/v1/edit/{task}` request, unbatched: decoded PIL uploads and `EditOptions` as a dict."""
         started = time.perf_counter()
-        if task not in EDIT_METHODS:
-            return request_error("task", f"Unknown task {task!r}; choose one of {list(EDIT_METHODS)}.", status=404)
-        method, allowed = EDIT_METHODS[task]
+        if task not in EDIT_TASK_TABLE:
+            return request_error("task", f"Unknown task {task!r}; choose one of {list(EDIT_TASKS)}.", status=404)
+        spec = EDIT_TASK_TABLE[task]
+        method, allowed = spec.method, spec.fields
         given = {key: value for key, value in options.items()
                  if key not in ("seed", "output_format") and value not in (None, False)}
         unknown = sorted(set(given) - set(allowed))
         if unknown:
             return request_error(unknown[0], f"`{unknown[0]}` does not apply to {task}; it takes {list(allowed)}.")
-        for key in REQUIRED_EDIT_OPTIONS.get(task, ()):
-            if key not in given:
-                return request_error(key, f"{task} needs the form field `{key}`.")
-        if task == "inpaint" and mask is None:
+        for name in spec.required:
+            if name not in given:
+                return request_error(name, f"{task} needs the form field `{name}`.")
+        if spec.mask and mask is None:
             return request_error("mask", "inpaint needs a `mask` file: white = regenerate, black = keep.")
-        if task != "inpaint" and mask is not None:
+        if not spec.mask and mask is not None:
             return request_error("mask", f"{task} takes no mask.")
 
         _, channels, height, width = self.pipe.sample_shape(1)
+        sigma_max = float(self.pipe.scheduler.config.sigma_max)
+        if task == "denoise" and given["sigma"] > sigma_max:
+            return request_error("sigma", f"sigma={given['sigma']:g} is above this model's sigma_max={sigma_max:g}.")
         if task == "colorize" and channels != 3:
             return request_error("task", f"colorize needs an RGB model; {self.name} has {channels} channel(s).")
         image = image.convert("L" if channels == 1 else "RGB")
@@ -345,18 +474,37 @@ class ConsistencyModel:
 
         try:
             pil_images, nfe = await asyncio.get_running_loop().run_in_executor(self.executor, run)
-        except ValueError as error:
-            return request_error(_field_of(str(error), default="image"), str(error))
+        except BAD_INPUT as error:
+            return request_error(_field_of(error, spec), str(error))
         fmt = options.get("output_format", "png")
         images = await asyncio.to_thread(lambda: [_encode_image(pil, fmt) for pil in pil_images])
         return {"images": images, "seed": seed, "model": self.name, "nfe": nfe,
                 "latency_ms": (time.perf_counter() - started) * 1000}
 
 
-def _field_of(message: str, default: str) -> str:
-    """The field a pipeline error names (`like_this`), or `default`."""
-    match = re.search(r"`(\w+)`", message)
-    return match.group(1) if match else default
+def _field_of(error: Exception, spec) -> str:
+    """The form field of an edit task that a pipeline error is about: the field it carries (`InputError.field`) if the
+    task takes it; a schedule the task does not take by that name (denoise's `sigma` makes its `sigmas`) is the task's
+    schedule field; anything else is about the image."""
+    named = getattr(error, "field", None)
+    if named in spec.fields or named in ("image", "mask"):
+        return named
+    if named in ("sigmas", "timesteps", "num_inference_steps"):
+        return spec.schedule_field
+    return "image"
+
+
+def _schedule_of(request: dict) -> dict:
+    """The schedule a generation request names: `timesteps` or `sigmas` when given, else `num_inference_steps`."""
+    if request.get("timesteps") is not None or request.get("sigmas") is not None:
+        return {"timesteps": request.get("timesteps"), "sigmas": request.get("sigmas")}
+    return {"num_inference_steps": request.get("num_inference_steps")}
+
+
+def _schedule_field(request: dict) -> str:
+    """The field that names a generation request's schedule (errors about the schedule name it)."""
+    return "timesteps" if request.get("timesteps") is not None else "sigmas" if request.get("sigmas") is not None \
+        else "num_inference_steps"
 
 
 def _encode_image(image, output_format: str) -> bytes:

@@ -2,18 +2,48 @@
 
 The request models validate everything that does not need the model (types, ranges, limits); the deployment then
 checks what does (a schedule against the model's grid, class labels against its classes) and answers with the same
-error shape, naming the field.
+error shape, naming the field. `api_models(limits)` gives the request models of one server, with its limits in their
+fields, so that the OpenAPI schema states every limit a request is held to.
 """
 
 import hashlib
 import os
-from typing import Literal
+import warnings
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from fastapi import UploadFile
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
-EDIT_TASKS = ("inpaint", "super-resolve", "denoise", "colorize", "stroke")
 API_KEYS_ENV = "CM_DIFFUSERS_API_KEYS"
+INDEX_BOUND = 2**31  # grid indices and class labels are below this; the model then checks its own grid and classes
+SEED_BOUND = 2**63
+
+
+@dataclass(frozen=True)
+class EditTask:
+    """One `/v1/edit/{task}`: the pipeline method that runs it, the form fields it takes besides `image`, `seed` and
+    `output_format`, those it requires, and the field that names its noise schedule in errors."""
+
+    method: str
+    fields: tuple
+    required: tuple = ()
+    mask: bool = False
+    schedule_field: str = "sigmas"
+
+
+# The one table of edit tasks the server reads (the routes, their form models and the model deployment).
+EDIT_TASK_TABLE = {
+    "inpaint": EditTask("inpaint", ("num_inference_steps", "timesteps", "sigmas", "class_labels"), mask=True),
+    "super-resolve": EditTask("super_resolve", ("scale_factor", "num_inference_steps", "timesteps", "sigmas",
+                                                "class_labels"), required=("scale_factor",)),
+    "denoise": EditTask("denoise", ("sigma", "add_noise", "class_labels"), required=("sigma",),
+                        schedule_field="sigma"),
+    "colorize": EditTask("colorize", ("num_inference_steps", "timesteps", "sigmas", "class_labels")),
+    "stroke": EditTask("stroke_edit", ("timesteps", "sigmas", "class_labels")),
+}
+EDIT_TASKS = tuple(EDIT_TASK_TABLE)
 
 
 class Limits(BaseModel):
@@ -28,6 +58,8 @@ class Limits(BaseModel):
     max_upload_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Size of an uploaded image or mask file.")
     max_upload_pixels: int = Field(1024 * 1024, ge=1, description="Width x height of an uploaded image or mask.")
     rate_limit_per_minute: float = Field(600, ge=0, description="Requests per minute per API key (0 = unlimited).")
+    auth_failures_per_minute: float = Field(30, ge=0, description="Failed authentications per minute per client "
+                                                                  "address before it gets 429s (0 = unlimited).")
     request_timeout_s: float = Field(60, gt=0, description="A request still unanswered after this gets a 503.")
 
 
@@ -58,26 +90,49 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
+def parse_key_lines(lines, source: str) -> list:
+    """Keys of a key file: one per line; blank lines and `#` comments (whole-line or after the key) are skipped, and
+    a UTF-8 byte order mark is dropped. A line with a space inside its key is refused: it is not what was meant."""
+    keys = []
+    for number, line in enumerate(lines, 1):
+        key = (line.lstrip("\ufeff") if number == 1 else line).split("#", 1)[0].strip()
+        if not key:
+            continue
+        if any(char.isspace() for char in key):
+            raise ValueError(f"{source}, line {number}: a key must not contain spaces (one key per line; comments "
+                             "start with `#`).")
+        if not key.isascii() or not key.isprintable():
+            raise ValueError(f"{source}, line {number}: a key must be printable ASCII.")
+        keys.append(key)
+    return keys
+
+
 def load_api_keys(api_key_file: str | None = None, environ=None) -> list[str]:
     """API keys from a file (one per line, `#` comments) and/or CM_DIFFUSERS_API_KEYS (comma-separated)."""
     environ = os.environ if environ is None else environ
-    keys = [key.strip() for key in environ.get(API_KEYS_ENV, "").split(",") if key.strip()]
+    keys = parse_key_lines(environ.get(API_KEYS_ENV, "").split(","), API_KEYS_ENV)
     if api_key_file:
         if not os.path.isfile(api_key_file):
             raise FileNotFoundError(f"--api_key_file {api_key_file!r}: no such file (one API key per line).")
         with open(api_key_file, encoding="utf-8") as f:
-            keys += [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+            keys += parse_key_lines(f.read().splitlines(), f"--api_key_file {api_key_file!r}")
         if not keys:
             raise ValueError(f"--api_key_file {api_key_file!r} holds no key (one API key per line).")
     short = [key for key in keys if len(key) < 16]
     if short:
         raise ValueError(f"{len(short)} API key(s) are shorter than 16 characters; use long random keys "
                          "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`).")
+    if len(set(keys)) < len(keys):
+        warnings.warn("The same API key is configured more than once.", stacklevel=2)
     return keys
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Requests
+
+GridIndex = Annotated[int, Field(ge=0, lt=INDEX_BOUND)]
+NoiseLevel = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+ClassLabel = Annotated[int, Field(ge=0, lt=INDEX_BOUND)]
 
 
 class GenerateRequest(BaseModel):
@@ -87,16 +142,20 @@ class GenerateRequest(BaseModel):
 
     num_images: int = Field(1, ge=1, description="Number of images; at most the server's `max_images`.")
     num_inference_steps: int | None = Field(1, ge=1, description="Network evaluations (ignored with a schedule).")
-    timesteps: list[int] | None = Field(None, min_length=1, description="Descending grid indices, e.g. [11, 0].")
-    sigmas: list[float] | None = Field(None, min_length=1, description="Descending noise levels.")
-    seed: int | None = Field(None, ge=0, lt=2**63, description="Same seed, same images (drawn when omitted).")
-    class_labels: int | list[int] | None = Field(None, description="One label, or one per image (conditional models).")
+    timesteps: list[GridIndex] | None = Field(None, min_length=1, description="Descending grid indices, e.g. "
+                                                                              "[11, 0].")
+    sigmas: list[NoiseLevel] | None = Field(None, min_length=1, description="Descending noise levels.")
+    seed: int | None = Field(None, ge=0, lt=SEED_BOUND, description="Same seed, same images (drawn when omitted).")
+    class_labels: ClassLabel | list[ClassLabel] | None = Field(None, description="One label, or one per image "
+                                                                                 "(conditional models).")
     output_format: Literal["png", "jpeg", "webp"] = "png"
 
     @model_validator(mode="after")
     def _one_schedule(self):
         if self.timesteps is not None and self.sigmas is not None:
             raise ValueError("give at most one of `timesteps` and `sigmas`")
+        if isinstance(self.class_labels, list) and len(self.class_labels) not in (1, self.num_images):
+            raise ValueError(f"class_labels: give one label or {self.num_images}, got {len(self.class_labels)}")
         return self
 
     @field_validator("class_labels")
@@ -106,26 +165,106 @@ class GenerateRequest(BaseModel):
             raise ValueError("give one label or one per image, not an empty list")
         return value
 
-    def schedule_field(self) -> str:
-        """The field that defines this request's schedule (errors about the schedule name it)."""
-        return "timesteps" if self.timesteps is not None else "sigmas" if self.sigmas is not None else \
-            "num_inference_steps"
+    def cost(self) -> int:
+        """Images x network evaluations: what admission control counts."""
+        steps = len(self.timesteps or self.sigmas or ()) or self.num_inference_steps or 1
+        return self.num_images * steps
 
 
 class EditOptions(BaseModel):
-    """The form fields of `POST /v1/edit/{task}` (besides the `image` and `mask` files)."""
+    """The options of `POST /v1/edit/{task}` after parsing the form (lists as lists), as the deployment gets them."""
 
     model_config = ConfigDict(extra="forbid")
 
     num_inference_steps: int | None = Field(None, ge=1, description="Network evaluations (task default if omitted).")
-    timesteps: list[int] | None = Field(None, min_length=1)
-    sigmas: list[float] | None = Field(None, min_length=1)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    class_labels: list[int] | None = Field(None, min_length=1)
-    scale_factor: int | None = Field(None, ge=1, description="super-resolve: the upsampling factor.")
-    sigma: float | None = Field(None, gt=0, description="denoise: the noise std of the image in [-1, 1] space.")
+    timesteps: list[GridIndex] | None = Field(None, min_length=1)
+    sigmas: list[NoiseLevel] | None = Field(None, min_length=1)
+    seed: int | None = Field(None, ge=0, lt=SEED_BOUND)
+    class_labels: list[ClassLabel] | None = Field(None, min_length=1)
+    scale_factor: int | None = Field(None, ge=1, le=1024, description="super-resolve: the upsampling factor.")
+    sigma: float | None = Field(None, gt=0, allow_inf_nan=False, description="denoise: the noise std of the image "
+                                                                             "in [-1, 1] space.")
     add_noise: bool = Field(False, description="denoise: add noise of std `sigma` first (a demo round trip).")
     output_format: Literal["png", "jpeg", "webp"] = "png"
+
+
+_INTS = r"^\s*\d{1,12}(\s*,\s*\d{1,12})*\s*$"
+_FLOATS = r"^\s*[0-9.eE+-]{1,32}(\s*,\s*[0-9.eE+-]{1,32})*\s*$"
+
+
+def _edit_form_fields(limits: "Limits") -> dict:
+    """The form fields of an edit request as (type, constraints), with this server's limits (lists are
+    comma-separated text in a form)."""
+    text = limits.max_steps * 34
+    return {
+        "num_inference_steps": (int, dict(ge=1, le=limits.max_steps,
+                                          description="Network evaluations (task default if omitted).")),
+        "timesteps": (str, dict(pattern=_INTS, max_length=text,
+                                description=f"Comma-separated descending grid indices, e.g. `11,0` (at most "
+                                            f"{limits.max_steps}).")),
+        "sigmas": (str, dict(pattern=_FLOATS, max_length=text,
+                             description=f"Comma-separated descending noise levels (at most {limits.max_steps}).")),
+        "class_labels": (str, dict(pattern=_INTS, max_length=limits.max_images * 14,
+                                   description="Comma-separated labels (one, or one per image).")),
+        "scale_factor": (int, dict(ge=1, le=1024, description="The upsampling factor; it divides the model's size.")),
+        "sigma": (float, dict(gt=0, allow_inf_nan=False, description="The noise std of the image in [-1, 1] space "
+                                                                     "(at most the model's sigma_max).")),
+        "add_noise": (bool, dict(default=False, description="Add noise of std `sigma` first (a demo round trip).")),
+    }
+
+
+def _edit_form_model(task: str, limits: "Limits") -> type:
+    spec, fields = EDIT_TASK_TABLE[task], _edit_form_fields(limits)
+    chosen = {
+        "image": (UploadFile, Field(description="The input image file (PNG, JPEG, WebP, ...), at most "
+                                                f"{limits.max_upload_bytes} bytes and {limits.max_upload_pixels} "
+                                                "pixels.")),
+    }
+    if spec.mask:
+        chosen["mask"] = (UploadFile, Field(description="The mask file, the image's size: white = regenerate, "
+                                                        "black = keep."))
+    for name in spec.fields:
+        kind, constraints = fields[name]
+        if name in spec.required or "default" in constraints:
+            chosen[name] = (kind, Field(**constraints))
+        else:
+            chosen[name] = (kind | None, Field(None, **constraints))
+    chosen["seed"] = (int | None, Field(None, ge=0, lt=SEED_BOUND, description="Same seed, same images."))
+    chosen["output_format"] = (Literal["png", "jpeg", "webp"], Field("png"))
+    name = "EditForm" + "".join(part.capitalize() for part in task.split("-"))
+    return create_model(name, __config__=ConfigDict(extra="forbid"), **chosen)
+
+
+@dataclass
+class ApiModels:
+    """The request models of one server: its limits in their fields (and so in its OpenAPI schema)."""
+
+    generate: type
+    teacher: type
+    edit_forms: dict
+
+
+def api_models(limits: Limits) -> ApiModels:
+    def generate_model(name: str, max_steps: int, steps_doc: str):
+        return create_model(
+            name, __base__=GenerateRequest,
+            num_images=(int, Field(1, ge=1, le=limits.max_images, description="Number of images.")),
+            num_inference_steps=(int | None, Field(1, ge=1, le=max_steps, description=steps_doc)),
+            timesteps=(list[GridIndex] | None, Field(None, min_length=1, max_length=limits.max_steps,
+                                                     description="Descending grid indices, e.g. [11, 0].")),
+            sigmas=(list[NoiseLevel] | None, Field(None, min_length=1, max_length=limits.max_steps,
+                                                   description="Descending noise levels.")),
+            class_labels=(ClassLabel | list[ClassLabel] | None,
+                          Field(None, description="One label, or one per image (conditional models).")),
+        )
+
+    return ApiModels(
+        generate=generate_model("GenerateRequest", limits.max_steps, "Network evaluations (ignored with a "
+                                                                     "schedule)."),
+        teacher=generate_model("TeacherGenerateRequest", limits.max_teacher_steps, "Heun steps (2n - 1 network "
+                                                                                   "evaluations)."),
+        edit_forms={task: _edit_form_model(task, limits) for task in EDIT_TASKS},
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -165,10 +304,14 @@ class ModelsResponse(BaseModel):
     models: list[ModelInfo]
 
 
+class StatusResponse(BaseModel):
+    status: Literal["ok", "ready", "unavailable", "draining"]
+
+
 class ErrorDetail(BaseModel):
-    type: str
+    type: str = Field(description="validation_error, unauthorized, rate_limited, payload_too_large, not_found, ...")
     message: str
-    field: str | None = None
+    field: str | None = Field(None, description="The request field the error is about, when there is one.")
 
 
 class ErrorResponse(BaseModel):
