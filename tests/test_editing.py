@@ -482,3 +482,19 @@ def test_cli_reports_input_errors(saved_models, tmp_path, capsys):
     assert cli_main(["edit", "inpaint", "--model", gray_model, "--image", gray, "--mask", gray, "--steps", "2",
                      "--sigmas", "1"]) == 1
     assert "at most one" in capsys.readouterr().err
+
+
+def test_the_edit_task_table_matches_the_pipeline_methods():
+    """`cm-diffusers edit`, the API and the pipeline read one table: each entry names a method that takes its fields."""
+    import inspect
+
+    from cm_diffusers.edit_tasks import EDIT_TASKS
+    from cm_diffusers.pipeline_editing import EditOptions
+    from cm_diffusers.serving.schemas import EDIT_TASK_TABLE
+
+    for name, task in EDIT_TASKS.items():
+        parameters = inspect.signature(getattr(ConsistencyPipeline, task.method)).parameters
+        accepted = set(parameters) | set(EditOptions.__annotations__)
+        assert set(task.fields) <= accepted, (name, set(task.fields) - accepted)
+        assert set(task.required) <= set(task.fields) and (task.mask == ("mask_image" in parameters))
+    assert set(EDIT_TASK_TABLE) == {name for name, task in EDIT_TASKS.items() if task.image}

@@ -588,7 +588,7 @@ def test_deployment_batches_class_conditional_multistep_requests_exactly(rgb_mod
         _assert_same_images(got, (expected * 255).round().astype(np.uint8))
     sizes = [batch["images"] for result in results for batch in result["batches"]]
     assert max(sizes) <= 4 and any(b["requests"] > 1 for r in results for b in r["batches"])
-    assert deployment.info()["edit_tasks"] == ["inpaint", "super-resolve", "denoise", "colorize", "stroke"]
+    assert deployment.info()["edit_tasks"] == ["inpaint", "colorize", "super-resolve", "stroke", "denoise"]  # RGB
     assert deployment.info()["num_classes"] == 5
     error = asyncio.run(deployment.generate(_request(class_labels=[7])))
     assert error["error"]["field"] == "class_labels"

@@ -6,41 +6,34 @@ import numpy as np
 import torch
 
 from ..argtypes import int_at_least, non_negative_int, number_list, positive_float, positive_int
+from ..edit_tasks import EDIT_TASKS
 from ..files import check_image_path, save_image_atomic
 from ..images import image_grid
 from .generate import DTYPES
-
-TASKS = {
-    "inpaint": "Regenerate the white region of --mask, keep the rest of --image exactly.",
-    "colorize": "Colorize a grayscale --image with an RGB model, keeping its luma.",
-    "super-resolve": "Upsample a low-resolution --image by --scale_factor to the model's size.",
-    "stroke": "Turn a rough stroke painting (--image) into a realistic image (SDEdit-like, 2 levels).",
-    "denoise": "Denoise an --image that carries Gaussian noise of std --sigma (one network evaluation).",
-    "interpolate": "Interpolate between two random noises (seeds --seed and --seed_b) and decode each frame.",
-}
 
 
 def register(subparsers):
     parser = subparsers.add_parser("edit", help="Zero-shot editing: inpaint, colorize, super-resolve, stroke, "
                                                 "denoise, interpolate.")
     tasks = parser.add_subparsers(dest="task", metavar="TASK", required=True)
-    for task, help_text in TASKS.items():
-        task_parser = tasks.add_parser(task, help=help_text, description=help_text)
+    for task, spec in EDIT_TASKS.items():
+        task_parser = tasks.add_parser(task, help=spec.help, description=spec.help)
         _add_common_arguments(task_parser, task)
-        if task != "interpolate":
+        if spec.image:
             task_parser.add_argument("--image", required=True, help="Input PNG (or any image PIL reads).")
-        if task == "inpaint":
+        if spec.mask:
             task_parser.add_argument("--mask", required=True,
                                      help="Mask PNG of the image's size: white = regenerate, black = keep.")
-        if task == "super-resolve":
-            task_parser.add_argument("--scale_factor", type=int_at_least(2), required=True,
+        if "scale_factor" in spec.fields:
+            task_parser.add_argument("--scale_factor", type=int_at_least(2), required="scale_factor" in spec.required,
                                      help="Integer upsampling factor; it must divide the model's height and width.")
-        if task == "denoise":
-            task_parser.add_argument("--sigma", type=positive_float, required=True,
+        if "sigma" in spec.fields:
+            task_parser.add_argument("--sigma", type=positive_float, required="sigma" in spec.required,
                                      help="Noise std of the image in the model's [-1, 1] space, e.g. 0.5.")
+        if "add_noise" in spec.fields:
             task_parser.add_argument("--add_noise", action="store_true",
                                      help="Add noise of std --sigma to a clean --image first (a demo round trip).")
-        if task == "interpolate":
+        if "num_frames" in spec.fields:
             task_parser.add_argument("--num_frames", type=int_at_least(2), default=8,
                                      help="Frames from noise a to noise b.")
             task_parser.add_argument("--seed_b", type=int, default=None,
@@ -119,19 +112,13 @@ def run(args) -> int:
         images = frames.reshape(args.num_frames, args.num_samples, *frames.shape[1:]).swapaxes(0, 1)
         return _save(images.reshape(-1, *frames.shape[1:]), args.output, nrow=args.num_frames)
 
+    spec = EDIT_TASKS[task]
     image = _load_image(args.image, "RGB" if task == "colorize" and channels == 3 else model_mode)
-    images = [image] * args.num_samples
-    if task == "inpaint":
-        mask = _load_image(args.mask, "L")
-        result = pipe.inpaint(images, mask, **schedule, **common).images
-    elif task == "colorize":
-        result = pipe.colorize(images, **schedule, **common).images
-    elif task == "super-resolve":
-        result = pipe.super_resolve(images, args.scale_factor, **schedule, **common).images
-    elif task == "stroke":
-        result = pipe.stroke_edit(images, **schedule, **common).images
-    else:
-        result = pipe.denoise(images, args.sigma, add_noise=args.add_noise, **common).images
+    options = {name: getattr(args, name) for name in ("scale_factor", "sigma", "add_noise") if name in spec.fields}
+    if spec.mask:
+        options["mask_image"] = _load_image(args.mask, "L")
+    method = getattr(pipe, spec.method)
+    result = method([image] * args.num_samples, **options, **schedule, **common).images
     return _save(result, args.output)
 
 

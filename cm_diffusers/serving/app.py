@@ -38,7 +38,7 @@ from .middleware import (
 from .schemas import (
     EDIT_TASK_TABLE,
     EDIT_TASKS,
-    EditOptions,
+    EditFormOptions,
     ErrorResponse,
     ImagesResponse,
     ModelsResponse,
@@ -249,7 +249,7 @@ def _add_edit_route(app, task: str, form_model, limits, call_backend, images_res
     async def edit(form: Annotated[form_model, Form(media_type="multipart/form-data")], request: Request):
         values = form.model_dump(exclude={"image", "mask"})
         try:
-            options = EditOptions(**{**values, **{name: _form_list(values.get(name), kind, name) for name, kind in
+            options = EditFormOptions(**{**values, **{name: _form_list(values.get(name), kind, name) for name, kind in
                                                   (("timesteps", int), ("sigmas", float), ("class_labels", int))}})
         except ValidationError as error:
             first = error.errors()[0]

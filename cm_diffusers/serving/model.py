@@ -82,7 +82,8 @@ class _RequestNoise:
         self.draws = []
         self.lock = threading.Lock()  # parts run on threads of their own
 
-    def rows(self, start: int, stop: int) -> Callable:
+    def randn_for_rows(self, start: int, stop: int) -> Callable:
+        """A `randn(shape)` that returns rows [start, stop) of each of the request's draws."""
         calls = 0
 
         def randn(shape):
@@ -323,7 +324,7 @@ class ConsistencyModel:
             self.batcher.part_started()
             parts.append(loop.run_in_executor(
                 self.part_threads, self._sample_part, state, latents[start:stop],
-                None if labels is None else labels[start:stop], schedule, noise.rows(start, stop)))
+                None if labels is None else labels[start:stop], schedule, noise.randn_for_rows(start, stop)))
         try:
             samples = await asyncio.gather(*parts)
         except BaseException:
@@ -423,7 +424,7 @@ class ConsistencyModel:
     # -- editing ---------------------------------------------------------------------------------------------------
 
     async def edit(self, task: str, image, mask, options: dict, key: str | None = None) -> dict:
-        """One `/v1/edit/{task}` request, unbatched: decoded PIL uploads and `EditOptions` as a dict."""
+        """One `/v1/edit/{task}` request, unbatched: decoded PIL uploads and `EditFormOptions` as a dict."""
         started = time.perf_counter()
         if task not in EDIT_TASK_TABLE:
             return request_error("task", f"Unknown task {task!r}; choose one of {list(EDIT_TASKS)}.", status=404)

@@ -15,34 +15,16 @@ from typing import Annotated, Literal
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
+from ..edit_tasks import EDIT_TASKS as ALL_EDIT_TASKS
+
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 API_KEYS_ENV = "CM_DIFFUSERS_API_KEYS"
 INDEX_BOUND = 2**31  # grid indices and class labels are below this; the model then checks its own grid and classes
 SEED_BOUND = 2**63
 
 
-@dataclass(frozen=True)
-class EditTask:
-    """One `/v1/edit/{task}`: the pipeline method that runs it, the form fields it takes besides `image`, `seed` and
-    `output_format`, those it requires, and the field that names its noise schedule in errors."""
-
-    method: str
-    fields: tuple
-    required: tuple = ()
-    mask: bool = False
-    schedule_field: str = "sigmas"
-
-
-# The one table of edit tasks the server reads (the routes, their form models and the model deployment).
-EDIT_TASK_TABLE = {
-    "inpaint": EditTask("inpaint", ("num_inference_steps", "timesteps", "sigmas", "class_labels"), mask=True),
-    "super-resolve": EditTask("super_resolve", ("scale_factor", "num_inference_steps", "timesteps", "sigmas",
-                                                "class_labels"), required=("scale_factor",)),
-    "denoise": EditTask("denoise", ("sigma", "add_noise", "class_labels"), required=("sigma",),
-                        schedule_field="sigma"),
-    "colorize": EditTask("colorize", ("num_inference_steps", "timesteps", "sigmas", "class_labels")),
-    "stroke": EditTask("stroke_edit", ("timesteps", "sigmas", "class_labels")),
-}
+# The edit tasks the API serves: those of the pipeline's one table that edit an uploaded image.
+EDIT_TASK_TABLE = {name: task for name, task in ALL_EDIT_TASKS.items() if task.image}
 EDIT_TASKS = tuple(EDIT_TASK_TABLE)
 
 
@@ -171,7 +153,7 @@ class GenerateRequest(BaseModel):
         return self.num_images * steps
 
 
-class EditOptions(BaseModel):
+class EditFormOptions(BaseModel):
     """The options of `POST /v1/edit/{task}` after parsing the form (lists as lists), as the deployment gets them."""
 
     model_config = ConfigDict(extra="forbid")
