@@ -485,7 +485,7 @@ def test_cli_reports_input_errors(saved_models, tmp_path, capsys):
 
 
 def test_the_edit_task_table_matches_the_pipeline_methods():
-    """`cm-diffusers edit`, the API and the pipeline read one table: each entry names a method that takes its fields."""
+    """`cm-diffusers edit`, the API and the pipeline read one table: each entry names a method taking its fields."""
     import inspect
 
     from cm_diffusers.edit_tasks import EDIT_TASKS
