@@ -20,20 +20,17 @@ from typing import Callable, Optional
 
 import torch
 
+from .modes import Levels, get_mode
 from .parameterization import (
     SIGMA_DATA,
     SIGMA_MAX,
     SIGMA_MIN,
     append_dims,
     consistency_function,
-    ct_num_scales,
-    ct_target_ema,
     ect_r,
-    ect_stage,
     edm_loss_weight,
     euler_step,
     heun_step,
-    ict_num_scales,
     inverse_gap_weight,
     karras_sigma_at,
     lognormal_index_probs,
@@ -126,17 +123,9 @@ def make_distance(loss_type: str, huber_c: Optional[float] = None, device=None) 
 
 
 @dataclass(frozen=True)
-class Levels:
-    """The training schedule at one global step: grid size N(k), target EMA rate mu(k) and ECT stage."""
-
-    num_scales: int
-    target_ema: float
-    stage: int = 0
-
-
-@dataclass(frozen=True)
 class Curriculum:
-    """Global step -> `Levels` for a mode: fixed N and mu (cd), CT's N(k)/mu(k), iCT's doubling N(k), ECT's stages."""
+    """Global step -> `Levels` for a mode, by its record in `cm_diffusers.modes.MODES`: fixed N and mu (cd), CT's
+    N(k)/mu(k), iCT's doubling N(k), ECT's stages, sCM's tangent warm-up."""
 
     mode: str
     total_steps: int
@@ -146,23 +135,15 @@ class Curriculum:
     s1: int = 150
     mu0: float = 0.9
     num_stages: int = 8  # ect
+    tangent_warmup_steps: int = 0  # sct/scd: H
 
     def __call__(self, step: int) -> Levels:
-        if self.mode == "cd":
-            return Levels(self.num_scales, self.target_ema)
-        if self.mode == "ct":
-            num_scales = ct_num_scales(step, self.total_steps, self.s0, self.s1)
-            return Levels(num_scales, ct_target_ema(num_scales, self.s0, self.mu0))
-        if self.mode == "ict":
-            return Levels(ict_num_scales(step, self.total_steps, self.s0, self.s1), 0.0)
-        if self.mode == "ect":
-            return Levels(0, 0.0, ect_stage(step, self.total_steps, self.num_stages))
-        raise ValueError(f"Unknown mode {self.mode!r}; choose cd, ct, ict or ect.")
+        return get_mode(self.mode).levels(self, step)
 
     @property
     def uses_target_ema(self) -> bool:
         """Whether the target ever differs from the online network (otherwise target = stop-grad(online))."""
-        return self.mode == "ct" or (self.mode == "cd" and self.target_ema > 0)
+        return get_mode(self.mode).target_ema(self)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -391,19 +372,31 @@ def build_loss(
     q=2.0,
     k=8.0,
     b=1.0,
-) -> ConsistencyLoss:
-    """The `ConsistencyLoss` of a mode: its next-point estimator, noise-level pairs and weighting."""
-    if mode == "cd":
-        if teacher is None:
-            raise ValueError("--mode cd distills a teacher: pass --teacher_model_name_or_path.")
-        next_point = TeacherODEStep(teacher, ode_solver, clip_denoised=teacher_clip_denoised)
-    elif mode in ("ct", "ict", "ect"):
-        next_point = DataPointStep()
-    else:
-        raise ValueError(f"Unknown mode {mode!r}; choose cd, ct, ict or ect.")
-    if mode == "ect":
-        pairs = ECTPairs(sigma_min, sigma_max, p_mean, p_std, q, k, b)
-    else:
-        pairs = KarrasGridPairs(sigma_min, sigma_max, rho, lognormal=mode == "ict", p_mean=p_mean, p_std=p_std)
-    weighting = inverse_gap_weight if mode in ("ict", "ect") else unit_weight
-    return ConsistencyLoss(next_point, pairs, distance, weighting, sigma_min, sigma_data)
+    **mode_settings,
+):
+    """The loss of a mode: the parts its record in `cm_diffusers.modes.MODES` names, built from these settings."""
+    settings = dict(ode_solver=ode_solver, teacher_clip_denoised=teacher_clip_denoised, sigma_min=sigma_min,
+                    sigma_max=sigma_max, sigma_data=sigma_data, rho=rho, p_mean=p_mean, p_std=p_std, q=q, k=k, b=b,
+                    **mode_settings)  # fmt: skip
+    record = get_mode(mode)
+    if ESTIMATOR_NEEDS_TEACHER.get(record.estimator) and teacher is None:
+        raise ValueError(f"--mode {mode} distills a teacher: pass --teacher_model_name_or_path.")
+    next_point = ESTIMATORS[record.estimator](teacher, settings)
+    sampler = SAMPLERS[record.sampler](settings)
+    return ConsistencyLoss(next_point, sampler, distance, WEIGHTINGS[record.weighting], sigma_min, sigma_data)
+
+
+# The parts a mode's record names (`cm_diffusers.modes`), each built from the loss settings.
+ESTIMATORS = {
+    "teacher_ode_step": lambda teacher, s: TeacherODEStep(teacher, s["ode_solver"], s["teacher_clip_denoised"]),
+    "data_point": lambda teacher, s: DataPointStep(),
+}
+ESTIMATOR_NEEDS_TEACHER = {"teacher_ode_step": True}
+SAMPLERS = {
+    "karras_grid": lambda s: KarrasGridPairs(s["sigma_min"], s["sigma_max"], s["rho"], p_mean=s["p_mean"],
+                                             p_std=s["p_std"]),  # fmt: skip
+    "karras_grid_lognormal": lambda s: KarrasGridPairs(s["sigma_min"], s["sigma_max"], s["rho"], lognormal=True,
+                                                       p_mean=s["p_mean"], p_std=s["p_std"]),  # fmt: skip
+    "ect_pairs": lambda s: ECTPairs(s["sigma_min"], s["sigma_max"], s["p_mean"], s["p_std"], s["q"], s["k"], s["b"]),
+}
+WEIGHTINGS = {"unit": unit_weight, "inverse_gap": inverse_gap_weight}

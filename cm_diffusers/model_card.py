@@ -20,6 +20,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .files import write_text_atomic
+from .modes import MODES
 from .redaction import redact_command, redact_text
 
 logger = logging.getLogger(__name__)
@@ -32,13 +33,6 @@ CARD_INFO_KEYS = (
     "mode", "base_model", "dataset", "training_command", "hardware", "train_steps", "loss", "sampling",
     "sample_grid", "eval_results", "extra", "license", "model_name", "repo_id", "limitations",
 )  # fmt: skip
-
-MODES = {
-    "cd": ("consistency-distillation", "consistency distillation (CD) from a pretrained diffusion model"),
-    "ct": ("consistency-training", "consistency training (CT) from data alone, without a teacher"),
-    "ict": ("improved-consistency-training", "improved consistency training (iCT, Song & Dhariwal 2023)"),
-    "ect": ("easy-consistency-tuning", "easy consistency tuning (ECT, Geng et al. 2024) of a diffusion model"),
-}
 
 _INFO_COMMENT = re.compile(r"<!-- cm_diffusers card info[^:]*: (\{.*\}) -->")
 _METRIC_NAMES = {"fid": "FID", "kid": "KID", "is": "Inception score", "precision": "precision", "recall": "recall"}
@@ -82,7 +76,7 @@ def save_model_card(output_dir, **info) -> ModelCard:
         raise FileNotFoundError(f"{output_dir} is not a folder; save the pipeline there first.")
     mode = info.get("mode")
     if mode is not None and mode not in MODES:
-        raise ValueError(f"Unknown mode {mode!r}; choose one of {sorted(MODES)}.")
+        raise ValueError(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
 
     model = _describe_model(output_dir)
     sample_grid = info.get("sample_grid")
@@ -200,7 +194,7 @@ def _card_data(info: dict, model: dict, model_name: str) -> ModelCardData:
     tags = ["consistency-models", "cm-diffusers"]
     tags.append("class-conditional-image-generation" if model["num_classes"] else "unconditional-image-generation")
     if mode:
-        tags.append(MODES[mode][0])
+        tags.append(MODES[mode].tag)
     base_model = info.get("base_model")
     dataset = info.get("dataset")
     dataset = dataset if dataset and _is_dataset_id(dataset) else None  # a local folder is no Hub data set
@@ -293,7 +287,7 @@ def _model_rows(model: dict, trained_sigma_max=None) -> list:
 
 def _summary(info: dict, model: dict) -> str:
     mode = info.get("mode")
-    how = f", trained with {MODES[mode][1]}" if mode else ""
+    how = f", trained with {MODES[mode].description}" if mode else ""
     size = f"{model['resolution']} " if model["resolution"] else ""
     what = f"{size}images like those of {info['dataset']}" if info.get("dataset") else f"{size}images"
     teacher = f" The teacher was `{info['base_model']}`." if info.get("base_model") else ""
@@ -320,7 +314,7 @@ def _multistep_call(sampling: dict):
 def _training_rows(info: dict) -> list:
     rows = []
     if info.get("mode"):
-        rows.append(("method", MODES[info["mode"]][1]))
+        rows.append(("method", MODES[info["mode"]].description))
     for key, label in (("base_model", "teacher"), ("dataset", "data"), ("train_steps", "training steps"),
                        ("loss", "loss"), ("hardware", "hardware")):  # fmt: skip
         if info.get(key) is not None:
@@ -424,7 +418,7 @@ def _limitations(info: dict, model: dict) -> list:
     data = info.get("dataset") or "its training data"
     size = f" at {model['resolution']}" if model["resolution"] else ""
     items.append(f"It generates images like those of {data}{size} only, and reflects that data's biases.")
-    if info.get("mode") in ("cd", "ect"):
+    if info.get("mode") and MODES[info["mode"]].teacher in ("distill", "init"):
         items.append("Its samples cannot be better than its teacher's; one-step samples are usually somewhat worse.")
     items.append("One-step samples are less detailed than multistep ones; a few steps trade speed for quality.")
     if model["channels"] is not None and not (model["channels"] == 3 and model["square"]):

@@ -228,3 +228,66 @@ def truncated_lognormal_sigmas(u, p_mean=-1.1, p_std=2.0, sigma_min=SIGMA_MIN, s
 def edm_loss_weight(sigma, sigma_data: float = SIGMA_DATA):
     """EDM's loss weight (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (Karras et al. 2022, eq. 8)."""
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TrigFlow (Lu & Song 2024, sCM): x_t = cos(t) x0 + sin(t) z, z ~ N(0, sigma_d^2 I), t in [0, pi/2]. The EDM view of
+# the same point is sigma = sigma_d tan(t), x_sigma = x_t / cos(t); an EDM network F_edm is the TrigFlow F = -F_edm.
+
+# The network's time input c_noise(t): the paper's t (times 1000, the range of the timesteps a UNet2DModel's
+# sinusoidal embedding was designed for), the consistency models' 250 ln sigma (OpenAI's checkpoints, our EDM
+# teacher's --edm_time_input consistency), or diffusers' EDM 0.25 ln sigma.
+TRIGFLOW_TIME_INPUTS = ("t", "log_sigma", "edm_log_sigma")
+
+
+def trigflow_t(sigma, sigma_data: float = SIGMA_DATA):
+    """TrigFlow time of an EDM noise level: t = arctan(sigma / sigma_d)."""
+    if isinstance(sigma, torch.Tensor):
+        return torch.atan(sigma / sigma_data)
+    return np.arctan(np.asarray(sigma, dtype=np.float64) / sigma_data)
+
+
+def trigflow_sigma(t, sigma_data: float = SIGMA_DATA):
+    """EDM noise level of a TrigFlow time: sigma = sigma_d tan(t)."""
+    if isinstance(t, torch.Tensor):
+        return sigma_data * torch.tan(t)
+    return sigma_data * np.tan(np.asarray(t, dtype=np.float64))
+
+
+def trigflow_time_input(t: torch.Tensor, time_input: str = "t", sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+    """c_noise(t) fed to the network (see TRIGFLOW_TIME_INPUTS); differentiable in t, computed in float32 or more."""
+    t = t if t.dtype == torch.float64 else t.float()
+    if time_input == "t":
+        return 1000.0 * t
+    log_sigma = torch.log(sigma_data * torch.tan(t))
+    if time_input == "log_sigma":
+        return 250.0 * log_sigma
+    if time_input == "edm_log_sigma":
+        return 0.25 * log_sigma
+    raise ValueError(f"Unknown TrigFlow time input {time_input!r}; choose one of {', '.join(TRIGFLOW_TIME_INPUTS)}.")
+
+
+def trigflow_output(model_output, sample, t, sigma_data: float = SIGMA_DATA):
+    """sCM eq. 5: f(x_t, t) = cos(t) x_t - sin(t) sigma_d F, given F's output; f(x, 0) = x exactly."""
+    return torch.cos(t) * sample - torch.sin(t) * sigma_data * model_output
+
+
+def trigflow_function(model: Callable, sample, t, sigma_data: float = SIGMA_DATA, time_input: str = "t", **cond):
+    """f_theta(x_t, t) for a raw network F(x_t / sigma_d, c_noise(t), **cond); t has shape (B,)."""
+    model_output = model(sample / sigma_data, trigflow_time_input(t, time_input, sigma_data), **cond)
+    return trigflow_output(model_output, sample, append_dims(t, sample.ndim), sigma_data)
+
+
+def trigflow_tangent_from_denoised(sample, t, denoised):
+    """dx_t/dt of the PF-ODE from a denoiser D(x_t / cos t, sigma_d tan t): (cos(t) x_t - D) / sin(t) = sigma_d F."""
+    return (torch.cos(t) * sample - denoised) / torch.sin(t)
+
+
+def trigflow_data_tangent(sample, noise, t):
+    """sCT's tangent given the data point: d/dt (cos(t) x0 + sin(t) z) = cos(t) z - sin(t) x0."""
+    return torch.cos(t) * noise - torch.sin(t) * sample
+
+
+def edm_scalings(sigma, sigma_data: float = SIGMA_DATA):
+    """EDM's c_skip, c_out, c_in (Karras et al. 2022, table 1): the boundary scalings without the eps shift."""
+    return boundary_scalings(sigma, 0.0, sigma_data)

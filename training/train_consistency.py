@@ -50,12 +50,11 @@ from cm_diffusers.argtypes import (  # noqa: E402
     positive_float,
     positive_int,
 )
+from cm_diffusers.modes import MODES  # noqa: E402
 from cm_diffusers.networks import unet_forward  # noqa: E402
 from cm_diffusers.training.args import add_optimization_args, add_output_args, record_command_line  # noqa: E402
 from cm_diffusers.training.checkpoints import raise_if_not_finite  # noqa: E402
 from cm_diffusers.training.consistency import (  # noqa: E402
-    MODE_DEFAULTS,
-    MODES,
     build_curriculum,
     build_losses,
     build_student,
@@ -85,7 +84,8 @@ from training.data import add_data_args, build_dataset, num_classes  # noqa: E40
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", type=str, required=True, choices=MODES, help="cd, ct, ict or ect (see above).")
+    parser.add_argument("--mode", type=str, required=True, choices=list(MODES),
+                        help="; ".join(f"{name}: {mode.help}" for name, mode in MODES.items()) + ".")
     parser.add_argument("--output_dir", type=str, required=True, help="Where the pipeline and checkpoints go.")
 
     group = parser.add_argument_group("model")
@@ -211,10 +211,11 @@ def parse_args(argv=None):
     add_output_args(parser)
     add_data_args(parser)
     args = record_command_line(parser.parse_args(argv), argv)
-    for name, value in MODE_DEFAULTS[args.mode].items():
+    mode = MODES[args.mode]
+    for name, value in mode.defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.mode in ("cd", "ect") and args.teacher_model_name_or_path is None:
+    if mode.teacher in ("distill", "init") and args.teacher_model_name_or_path is None:
         parser.error(f"--mode {args.mode} starts from a diffusion model: pass --teacher_model_name_or_path.")
     if args.teacher_model_name_or_path is not None:
         try:  # now, not after minutes of data loading
@@ -231,26 +232,23 @@ def parse_args(argv=None):
             parser.error(str(error))
     if not args.sigma_min < args.sigma_max:
         parser.error(f"--sigma_min ({args.sigma_min}) must be below --sigma_max ({args.sigma_max}).")
-    if args.mode == "cd" and args.num_scales < 2:
-        parser.error("--num_scales must be at least 2.")
-    if args.mode == "cd" and not 0 <= args.target_ema_decay < 1:
-        parser.error("--target_ema_decay must lie in [0, 1).")
-    if args.mode in ("ct", "ict") and not 1 <= args.s0 <= args.s1:
+    # the flags a mode reads are set (by its defaults or the command line); the others are None
+    if args.s0 is not None and args.s1 is not None and not 1 <= args.s0 <= args.s1:
         parser.error("The curriculum needs 1 <= --s0 <= --s1.")
-    if args.mode == "ct" and not 0 < args.mu0 < 1:
+    if args.mu0 is not None and not 0 < args.mu0 < 1:
         parser.error("--mu0 must lie in (0, 1).")
     if not 0 <= args.denoiser_warmup_steps < args.max_train_steps:
         parser.error("--denoiser_warmup_steps must lie in [0, --max_train_steps): the consistency loss needs steps.")
     if args.denoiser_warmup_target is None:
-        args.denoiser_warmup_target = "teacher" if args.mode == "cd" else "data"
+        args.denoiser_warmup_target = "teacher" if mode.teacher == "distill" else "data"
     if args.denoiser_warmup_target == "teacher" and args.teacher_model_name_or_path is None:
         parser.error("--denoiser_warmup_target teacher needs --teacher_model_name_or_path.")
     if not args.sigma_min < args.sigma_mid < args.sigma_max:
         parser.error("--sigma_mid must lie between --sigma_min and --sigma_max.")
     if args.sampling_sigma_max is not None:
-        if args.mode != "ect":
-            parser.error(f"--sampling_sigma_max is for --mode ect (continuous levels); {args.mode} models sample "
-                         "on their training grid, which starts at --sigma_max.")
+        if mode.sampling != "sigmas":
+            parser.error(f"--sampling_sigma_max is for modes trained on continuous levels (ect); {args.mode} models "
+                         "sample on their training grid, which starts at --sigma_max.")
         if not args.sigma_mid < args.sampling_sigma_max <= args.sigma_max:
             parser.error(f"--sampling_sigma_max ({args.sampling_sigma_max}) must lie in (--sigma_mid, --sigma_max] "
                          f"= ({args.sigma_mid}, {args.sigma_max}].")

@@ -13,6 +13,7 @@ from diffusers.configuration_utils import FrozenDict
 from ..files import save_image_atomic
 from ..images import image_grid
 from ..losses import Curriculum, DenoiserLoss, build_loss, make_distance
+from ..modes import MODES
 from ..parameterization import karras_sigmas
 from ..pipeline_consistency import ConsistencyPipeline
 from ..scheduling_consistency import ConsistencyScheduler
@@ -20,19 +21,6 @@ from .checkpoints import save_pretrained_atomic
 from .runtime import default_unet_config
 
 logger = logging.getLogger(__name__)
-
-MODES = ("cd", "ct", "ict", "ect")
-
-# What `--mode` expands into; any flag given explicitly wins. Paper values are for CIFAR-10 (Song et al. 2023 for
-# cd/ct, Song & Dhariwal 2023 for ict, Geng et al. 2024 for ect); pseudo-Huber replaces LPIPS, whose backbone
-# weights cannot be downloaded here (iCT shows pseudo-Huber matches it).
-MODE_DEFAULTS = {
-    "cd": dict(num_scales=18, target_ema_decay=0.0, learning_rate=4e-4, loss_type="pseudo_huber", dropout=0.0),
-    "ct": dict(s0=2, s1=150, mu0=0.9, learning_rate=4e-4, loss_type="pseudo_huber", dropout=0.0),
-    "ict": dict(s0=10, s1=1280, learning_rate=1e-4, loss_type="pseudo_huber", dropout=0.3),
-    "ect": dict(learning_rate=1e-4, loss_type="pseudo_huber", dropout=0.2),
-}
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Teacher, student, losses
@@ -144,8 +132,9 @@ def build_losses(args, teacher, sigma_min: float, sigma_max: float, device) -> t
     noise_levels = dict(sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=args.sigma_data, p_mean=args.p_mean,
                         p_std=args.p_std)  # fmt: skip
     clip_denoised = teacher_clip_denoised(args.teacher_clip_denoised, teacher)
-    loss_fn = build_loss(args.mode, make_distance(args.loss_type, args.huber_c, device),
-                         teacher=teacher if args.mode == "cd" else None, ode_solver=args.ode_solver,
+    distilled = teacher if MODES[args.mode].teacher == "distill" else None  # else only its weights were used
+    loss_fn = build_loss(args.mode, make_distance(args.loss_type, args.huber_c, device), teacher=distilled,
+                         ode_solver=args.ode_solver,
                          teacher_clip_denoised=clip_denoised, rho=args.rho, q=args.ect_q, k=args.ect_k, b=args.ect_b,
                          **noise_levels)  # fmt: skip
     warmup_loss_fn = None
@@ -163,8 +152,9 @@ def pipeline_scheduler(args, curriculum: Curriculum, sigma_min: float, sigma_max
     """The scheduler of the saved pipeline (the grid of the final step; ect trains on continuous levels and gets the
     default 40-point grid, sampled by sigmas, starting at --sampling_sigma_max if given) and the 1-/2-step schedules
     it is sampled with."""
-    num_train_timesteps = curriculum(curriculum.total_steps).num_scales if args.mode != "ect" else 40
-    if args.mode == "ect" and args.sampling_sigma_max is not None:
+    grid = MODES[args.mode].sampling == "grid"
+    num_train_timesteps = curriculum(curriculum.total_steps).num_scales if grid else 40
+    if not grid and args.sampling_sigma_max is not None:
         start = args.sampling_sigma_max  # within the trained range, which the teacher may narrow
         if not sigma_min < start <= sigma_max:
             raise ValueError(f"--sampling_sigma_max ({start}) lies outside the noise range trained, [{sigma_min}, "
@@ -178,7 +168,7 @@ def pipeline_scheduler(args, curriculum: Curriculum, sigma_min: float, sigma_max
 
 def sampling_schedules(args, num_train_timesteps: int, sigma_min: float, sigma_max: float) -> dict:
     """The 1-step and 2-step schedules the model is sampled with: grid `timesteps`, or `sigmas` for ECT."""
-    if args.mode == "ect":  # trained on continuous levels, not a grid
+    if MODES[args.mode].sampling == "sigmas":  # trained on continuous levels, not a grid
         return {"1step": {"sigmas": [sigma_max]}, "2step": {"sigmas": [sigma_max, args.sigma_mid]}}
     grid = karras_sigmas(num_train_timesteps, sigma_min, sigma_max, args.rho)
     mid = int(abs(grid[1:-1] - args.sigma_mid).argmin()) + 1 if num_train_timesteps > 2 else 0
@@ -221,7 +211,7 @@ def log_validation(accelerator, unet, ema, scheduler, schedules, args, global_st
 
 
 def describe_loss(args) -> str:
-    weighting = "1/(sigma_n - sigma_{n+1})" if args.mode in ("ict", "ect") else "1"
+    weighting = MODES[args.mode].weighting_text
     distance = args.loss_type + (f" (c={args.huber_c})" if args.huber_c is not None else "")
     return f"{distance}, weighting {weighting}"
 
@@ -238,15 +228,7 @@ def mode_settings(args, sigma_min, sigma_max, final_levels) -> dict:
     if args.denoiser_warmup_steps:
         settings.update(denoiser_warmup_steps=args.denoiser_warmup_steps,
                         denoiser_warmup_target=args.denoiser_warmup_target)  # fmt: skip
-    if args.mode == "cd":
-        settings.update(num_scales=args.num_scales, ode_solver=args.ode_solver, target_ema_decay=args.target_ema_decay,
-                        teacher_clip_denoised=args.teacher_clip_denoised)  # fmt: skip
-    elif args.mode in ("ct", "ict"):
-        settings.update(s0=args.s0, s1=args.s1, final_num_scales=final_levels.num_scales)
-        settings.update(mu0=args.mu0) if args.mode == "ct" else settings.update(p_mean=args.p_mean, p_std=args.p_std)
-    else:
-        settings.update(p_mean=args.p_mean, p_std=args.p_std, q=args.ect_q, k=args.ect_k, b=args.ect_b,
-                        num_stages=args.ect_num_stages)  # fmt: skip
+    settings.update(MODES[args.mode].card_settings(args, final_levels))
     return settings
 
 

@@ -1,0 +1,151 @@
+"""The training modes, one record each: everything `--mode NAME` means, read by the loss (`losses.build_loss`,
+`losses.Curriculum`), the training script (flag defaults, help text, teacher checks, the saved pipeline's schedules)
+and the model card (Hub tag, method, loss and settings).
+
+A record names its parts (estimator of the target, sampler of levels or times, weighting), which `cm_diffusers.losses`
+implements, and holds its curriculum, flag defaults and card text. A new mode is a new entry here plus any new part;
+never a new loop and never an `if mode == ...` elsewhere. This module imports no loss code, so the losses, the script
+and the card can all read it.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+from .parameterization import ct_num_scales, ct_target_ema, ect_stage, ict_num_scales
+
+
+@dataclass(frozen=True)
+class Levels:
+    """The training schedule at one global step: grid size N(k), target EMA rate mu(k), ECT stage, and sCM's tangent
+    warm-up ratio r (Lu & Song 2024: r goes from 0 to 1 over the first H steps)."""
+
+    num_scales: int
+    target_ema: float
+    stage: int = 0
+    tangent_warmup: float = 1.0
+
+
+class Mode(NamedTuple):
+    """What one `--mode` is. The first two fields are the Hub tag and the card's description of the method."""
+
+    tag: str  # the model card's Hub tag
+    description: str  # the card's "method" row and summary
+    help: str  # its line in `train_consistency.py --help`
+    teacher: str  # "distill": the loss evaluates it; "init": its weights start the student (required); "optional"
+    defaults: dict  # flag values `--mode` expands into; a flag given explicitly wins
+    estimator: str  # the target's estimator, a name of `losses.ESTIMATORS`
+    sampler: str  # how noise levels or times are drawn, a name of `losses.SAMPLERS`
+    weighting: str  # the loss weighting, a name of `losses.WEIGHTINGS`
+    weighting_text: str  # the card's description of that weighting
+    levels: Callable  # (curriculum, step) -> Levels: the schedule of one step
+    target_ema: Callable  # (curriculum) -> whether the target network is an EMA copy (else stop-grad of online)
+    card_settings: Callable  # (args, final Levels) -> {name: value} for the card's training table
+    sampling: str  # "grid": sampled by grid `timesteps`; "sigmas": trained on continuous levels, sampled by sigmas
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The parts of the records
+
+
+def _fixed_grid(curriculum, step) -> Levels:
+    return Levels(curriculum.num_scales, curriculum.target_ema)
+
+
+def _ct_levels(curriculum, step) -> Levels:
+    num_scales = ct_num_scales(step, curriculum.total_steps, curriculum.s0, curriculum.s1)
+    return Levels(num_scales, ct_target_ema(num_scales, curriculum.s0, curriculum.mu0))
+
+
+def _ict_levels(curriculum, step) -> Levels:
+    return Levels(ict_num_scales(step, curriculum.total_steps, curriculum.s0, curriculum.s1), 0.0)
+
+
+def _ect_levels(curriculum, step) -> Levels:
+    return Levels(0, 0.0, ect_stage(step, curriculum.total_steps, curriculum.num_stages))
+
+
+def _never(curriculum) -> bool:
+    return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The table. Defaults are CIFAR-10 paper values (Song et al. 2023 for cd/ct, Song & Dhariwal 2023 for ict, Geng et
+# al. 2024 for ect); pseudo-Huber replaces LPIPS, whose backbone weights cannot be downloaded here (iCT shows
+# pseudo-Huber matches it).
+
+MODES = {
+    "cd": Mode(
+        tag="consistency-distillation",
+        description="consistency distillation (CD) from a pretrained diffusion model",
+        help="distill a diffusion teacher: one Heun/Euler PF-ODE step of the teacher (Song et al. 2023)",
+        teacher="distill",
+        defaults=dict(num_scales=18, target_ema_decay=0.0, learning_rate=4e-4, loss_type="pseudo_huber", dropout=0.0),
+        levels=_fixed_grid,
+        target_ema=lambda curriculum: curriculum.target_ema > 0,
+        estimator="teacher_ode_step",
+        sampler="karras_grid",
+        weighting="unit",
+        weighting_text="1",
+        card_settings=lambda args, final: dict(num_scales=args.num_scales, ode_solver=args.ode_solver,
+                                               target_ema_decay=args.target_ema_decay,
+                                               teacher_clip_denoised=args.teacher_clip_denoised),  # fmt: skip
+        sampling="grid",
+    ),
+    "ct": Mode(
+        tag="consistency-training",
+        description="consistency training (CT) from data alone, without a teacher",
+        help="train from data alone: x_hat_{n+1} = x + sigma_{n+1} z, curriculum N(k) and target EMA mu(k)",
+        teacher="optional",
+        defaults=dict(s0=2, s1=150, mu0=0.9, learning_rate=4e-4, loss_type="pseudo_huber", dropout=0.0),
+        levels=_ct_levels,
+        target_ema=lambda curriculum: True,
+        estimator="data_point",
+        sampler="karras_grid",
+        weighting="unit",
+        weighting_text="1",
+        card_settings=lambda args, final: dict(s0=args.s0, s1=args.s1, final_num_scales=final.num_scales,
+                                               mu0=args.mu0),  # fmt: skip
+        sampling="grid",
+    ),
+    "ict": Mode(
+        tag="improved-consistency-training",
+        description="improved consistency training (iCT, Song & Dhariwal 2023)",
+        help="improved CT (Song & Dhariwal 2023): pseudo-Huber, 1/(sigma_n - sigma_{n+1}) weights, lognormal noise "
+        "levels, doubling curriculum, no EMA target, dropout",
+        teacher="optional",
+        defaults=dict(s0=10, s1=1280, learning_rate=1e-4, loss_type="pseudo_huber", dropout=0.3),
+        levels=_ict_levels,
+        target_ema=_never,
+        estimator="data_point",
+        sampler="karras_grid_lognormal",
+        weighting="inverse_gap",
+        weighting_text="1/(sigma_n - sigma_{n+1})",
+        card_settings=lambda args, final: dict(s0=args.s0, s1=args.s1, final_num_scales=final.num_scales,
+                                               p_mean=args.p_mean, p_std=args.p_std),  # fmt: skip
+        sampling="grid",
+    ),
+    "ect": Mode(
+        tag="easy-consistency-tuning",
+        description="easy consistency tuning (ECT, Geng et al. 2024) of a diffusion model",
+        help="easy consistency tuning (Geng et al. 2024): start from a diffusion model's UNet, continuous sigma and a "
+        "gap sigma - r that shrinks stage by stage",
+        teacher="init",
+        defaults=dict(learning_rate=1e-4, loss_type="pseudo_huber", dropout=0.2),
+        levels=_ect_levels,
+        target_ema=_never,
+        estimator="data_point",
+        sampler="ect_pairs",
+        weighting="inverse_gap",
+        weighting_text="1/(sigma_n - sigma_{n+1})",
+        card_settings=lambda args, final: dict(p_mean=args.p_mean, p_std=args.p_std, q=args.ect_q, k=args.ect_k,
+                                               b=args.ect_b, num_stages=args.ect_num_stages),  # fmt: skip
+        sampling="sigmas",
+    ),
+}
+
+
+def get_mode(name: str) -> Mode:
+    """The record of `name`, or a ValueError listing the modes."""
+    if name not in MODES:
+        raise ValueError(f"Unknown mode {name!r}; choose one of {', '.join(MODES)}.")
+    return MODES[name]
