@@ -60,7 +60,11 @@ class LCMParameterization(_AlphaSchedule):
 
 
 class SkippingStepPairs:
-    """(t_{n+k}, t_n) with n ~ U{0, ..., N-1} on the N-point skipping-step DDIM grid (k = T // N)."""
+    """(t_{n+k}, t_n) with n ~ U{0, ..., N-1} on the N-point skipping-step DDIM grid (k = T // N).
+
+    The timesteps come as float32 (whole numbers, exact), like the sigmas of the other modes' samplers; the UNet's
+    time embedding casts them to float anyway.
+    """
 
     def __init__(self, num_train_timesteps: int = 1000, num_ddim_timesteps: int = 50):
         self.grid = skipping_step_timesteps(num_train_timesteps, num_ddim_timesteps)
@@ -68,7 +72,7 @@ class SkippingStepPairs:
     def __call__(self, batch_size: int, levels=None, device=None, generator=None):
         index = torch.randint(0, len(self.grid), (batch_size,), generator=generator)
         start, end = skipping_step_pair(index, self.grid)
-        return start.to(device), end.to(device)
+        return start.float().to(device), end.float().to(device)
 
 
 class GuidedDDIMStep(_AlphaSchedule):

@@ -43,11 +43,11 @@ def save_lcm_pipeline(folder, unet, teacher, original_inference_steps: int = 50,
 
 
 def lora_state_dict(unet) -> dict:
-    """The UNet's LoRA adapter weights in diffusers' key format (what `save_lora_weights` expects)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The UNet's LoRA adapter weights with peft's keys (`...to_q.lora_A.weight`), which `load_lora_weights` reads
+    as they are. (Converting them to the older `lora.down`/`lora.up` names loses the attention layers on loading.)"""
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return get_peft_model_state_dict(unet)
 
 
 def save_lcm_lora(folder, unet, config, card: str = None):
