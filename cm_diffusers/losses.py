@@ -409,20 +409,37 @@ def build_loss(
         raise ValueError(f"--mode {mode} distills a teacher: pass --teacher_model_name_or_path.")
     next_point = ESTIMATORS[record.estimator](teacher, settings)
     sampler = SAMPLERS[record.sampler](settings)
-    return ConsistencyLoss(next_point, sampler, distance, WEIGHTINGS[record.weighting], sigma_min, sigma_data)
+    parameterization = PARAMETERIZATIONS[record.parameterization](teacher, settings)
+    return ConsistencyLoss(next_point, sampler, distance, WEIGHTINGS[record.weighting], sigma_min, sigma_data,
+                           parameterization)  # fmt: skip
+
+
+def _latent():
+    from .latent import distill  # LCD's parts need transformers and peft (the `lcd` extra) only when used
+
+    return distill
 
 
 # The parts a mode's record names (`cm_diffusers.modes`), each built from the loss settings.
 ESTIMATORS = {
     "teacher_ode_step": lambda teacher, s: TeacherODEStep(teacher, s["ode_solver"], s["teacher_clip_denoised"]),
     "data_point": lambda teacher, s: DataPointStep(),
+    # lcd: `teacher` is a `latent.LatentTeacher` (its raw network, noise schedule and prediction type)
+    "guided_ddim_step": lambda teacher, s: _latent().GuidedDDIMStep(teacher.network, teacher.alphas_cumprod,
+                                                                    teacher.prediction_type),  # fmt: skip
 }
-ESTIMATOR_NEEDS_TEACHER = {"teacher_ode_step": True}
+ESTIMATOR_NEEDS_TEACHER = {"teacher_ode_step": True, "guided_ddim_step": True}
 SAMPLERS = {
     "karras_grid": lambda s: KarrasGridPairs(s["sigma_min"], s["sigma_max"], s["rho"], p_mean=s["p_mean"],
                                              p_std=s["p_std"]),  # fmt: skip
     "karras_grid_lognormal": lambda s: KarrasGridPairs(s["sigma_min"], s["sigma_max"], s["rho"], lognormal=True,
                                                        p_mean=s["p_mean"], p_std=s["p_std"]),  # fmt: skip
     "ect_pairs": lambda s: ECTPairs(s["sigma_min"], s["sigma_max"], s["p_mean"], s["p_std"], s["q"], s["k"], s["b"]),
+    "skipping_step": lambda s: _latent().SkippingStepPairs(s["num_train_timesteps"], s["num_ddim_timesteps"]),
 }
 WEIGHTINGS = {"unit": unit_weight, "inverse_gap": inverse_gap_weight}
+PARAMETERIZATIONS = {
+    "edm": lambda teacher, s: EDMParameterization(s["sigma_min"], s["sigma_data"]),
+    "lcm": lambda teacher, s: _latent().LCMParameterization(teacher.alphas_cumprod, teacher.prediction_type,
+                                                            s["timestep_scaling"]),  # fmt: skip
+}

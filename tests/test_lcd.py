@@ -99,8 +99,7 @@ def test_lcm_distills_saves_a_pipeline_plain_diffusers_loads_and_matches_our_sam
         student_output = LatentUNet(student_unet)(x, t, cond, guidance=torch.tensor([3.0, 9.0]))
         torch.testing.assert_close(student_output, LatentUNet(teacher.unet)(x, t, cond))
 
-    loss = build_lcd_loss(LatentUNet(teacher.unet), teacher.alphas_cumprod, teacher.prediction_type, l2,
-                          num_ddim_timesteps=50)  # fmt: skip
+    loss = build_lcd_loss(teacher, l2, num_ddim_timesteps=50)
     assert isinstance(loss, ConsistencyLoss)  # the project's one loss object
     before = copy.deepcopy(student_unet.state_dict())
     _train(loss, student_unet, LatentUNet(student_unet), LatentUNet(target_unet), teacher)
@@ -141,7 +140,8 @@ def test_lcm_lora_trains_adapters_only_and_loads_with_load_lora_weights(teacher_
     with torch.no_grad():
         torch.testing.assert_close(network(x, t, cond), LatentUNet(original)(x, t, cond), rtol=0, atol=0)
 
-    loss = build_lcd_loss(network, teacher.alphas_cumprod, teacher.prediction_type, l2)
+    teacher.network = network
+    loss = build_lcd_loss(teacher, l2)
     student = LatentUNet(unet)  # LCM-LoRA has no target network: the target is the stop-gradient student
     _train(loss, unet, student, student, teacher)
     assert any(p.abs().sum() > 0 for name, p in unet.named_parameters() if "lora_B" in name)

@@ -7,7 +7,7 @@ F(x_t, t, **cond) the consistency loss calls.
 """
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -33,6 +33,11 @@ class LatentTeacher:
     scheduler_config: dict
     alphas_cumprod: torch.Tensor  # float64, (num_train_timesteps,)
     prediction_type: str
+    network: Optional[Callable] = None  # the raw teacher F(x_t, t, encoder_hidden_states): its UNet by default
+
+    def __post_init__(self):
+        if self.network is None:
+            self.network = LatentUNet(self.unet)
 
     @property
     def num_train_timesteps(self) -> int:

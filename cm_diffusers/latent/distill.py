@@ -157,18 +157,13 @@ def lcd_loss(loss, student: Callable, target: Callable, latents, prompt_embeds, 
     return loss_value, logs
 
 
-def build_lcd_loss(teacher_network: Callable, alphas_cumprod, prediction_type: str, distance,
-                   num_ddim_timesteps: int = 50, timestep_scaling: float = 10.0):  # fmt: skip
-    """The `ConsistencyLoss` of LCD: skipping-step pairs, the guided DDIM step of the teacher, LCM's scalings."""
-    from ..losses import ConsistencyLoss, unit_weight
+def build_lcd_loss(teacher, distance, num_ddim_timesteps: int = 50, timestep_scaling: float = 10.0):
+    """The `ConsistencyLoss` of `--mode lcd` (its record in `cm_diffusers.modes`): skipping-step pairs, the guided
+    DDIM step of `teacher.network`, LCM's scalings. `teacher` is a `LatentTeacher`."""
+    from ..losses import build_loss
 
-    return ConsistencyLoss(
-        GuidedDDIMStep(teacher_network, alphas_cumprod, prediction_type),
-        SkippingStepPairs(len(alphas_cumprod), num_ddim_timesteps),
-        distance,
-        unit_weight,
-        parameterization=LCMParameterization(alphas_cumprod, prediction_type, timestep_scaling),
-    )
+    return build_loss("lcd", distance, teacher=teacher, num_train_timesteps=len(teacher.alphas_cumprod),
+                      num_ddim_timesteps=num_ddim_timesteps, timestep_scaling=timestep_scaling)  # fmt: skip
 
 
 __all__ = [
