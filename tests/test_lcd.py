@@ -22,7 +22,6 @@ from cm_diffusers.latent import (  # noqa: E402
     AdaptersDisabled,
     LatentUNet,
     add_lcm_lora,
-    build_lcd_loss,
     build_lcm_student,
     decode_latents,
     encode_images,
@@ -34,7 +33,7 @@ from cm_diffusers.latent import (  # noqa: E402
     save_lcm_lora,
     save_lcm_pipeline,
 )
-from cm_diffusers.losses import ConsistencyLoss, l2  # noqa: E402
+from cm_diffusers.losses import ConsistencyLoss, build_loss, l2  # noqa: E402
 
 PROMPTS = ["a shirt", "a boot", "a bag", "a dress"]
 
@@ -43,6 +42,12 @@ PROMPTS = ["a shirt", "a boot", "a bag", "a dress"]
 def teacher_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("lcd")
     return save_tiny_sd_pipeline(root / "teacher", root / "tokenizer")
+
+
+def build_lcd_loss(teacher):
+    """The loss `--mode lcd` trains with, from its record in the mode table (as train_consistency.py builds it)."""
+    return build_loss("lcd", l2, teacher=teacher, num_train_timesteps=1000, num_ddim_timesteps=50,
+                      timestep_scaling=10.0)  # fmt: skip
 
 
 def _batch(teacher, seed=0):
@@ -99,7 +104,7 @@ def test_lcm_distills_saves_a_pipeline_plain_diffusers_loads_and_matches_our_sam
         student_output = LatentUNet(student_unet)(x, t, cond, guidance=torch.tensor([3.0, 9.0]))
         torch.testing.assert_close(student_output, LatentUNet(teacher.unet)(x, t, cond))
 
-    loss = build_lcd_loss(teacher, l2, num_ddim_timesteps=50)
+    loss = build_lcd_loss(teacher)
     assert isinstance(loss, ConsistencyLoss)  # the project's one loss object
     before = copy.deepcopy(student_unet.state_dict())
     _train(loss, student_unet, LatentUNet(student_unet), LatentUNet(target_unet), teacher)
@@ -141,7 +146,7 @@ def test_lcm_lora_trains_adapters_only_and_loads_with_load_lora_weights(teacher_
         torch.testing.assert_close(network(x, t, cond), LatentUNet(original)(x, t, cond), rtol=0, atol=0)
 
     teacher.network = network
-    loss = build_lcd_loss(teacher, l2)
+    loss = build_lcd_loss(teacher)
     student = LatentUNet(unet)  # LCM-LoRA has no target network: the target is the stop-gradient student
     _train(loss, unet, student, student, teacher)
     assert any(p.abs().sum() > 0 for name, p in unet.named_parameters() if "lora_B" in name)

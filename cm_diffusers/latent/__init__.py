@@ -10,7 +10,6 @@ from .distill import (
     LCMParameterization,
     SkippingStepPairs,
     add_lcm_lora,
-    build_lcd_loss,
     build_lcm_student,
     lcd_loss,
     lora_config,
@@ -21,7 +20,7 @@ from .sampling import decode_latents, lcm_sample_latents
 
 __all__ = [
     "LCM_LORA_TARGET_MODULES", "AdaptersDisabled", "GuidedDDIMStep", "LCMParameterization", "LatentTeacher",
-    "LatentUNet", "SkippingStepPairs", "add_lcm_lora", "build_lcd_loss", "build_lcm_student", "decode_latents",
+    "LatentUNet", "SkippingStepPairs", "add_lcm_lora", "build_lcm_student", "decode_latents",
     "encode_images", "encode_prompt", "lcd_loss", "lcm_sample_latents", "lcm_scheduler", "load_latent_teacher",
     "lora_config", "sample_guidance", "save_lcm_lora", "save_lcm_pipeline",
 ]  # fmt: skip

@@ -6,6 +6,9 @@ consistency loss (`cm_diffusers.losses.ConsistencyLoss`):
 - the target's next point is the teacher's classifier-free-guided DDIM step (`GuidedDDIMStep`),
 - the student is the full UNet with a w-embedding (`build_lcm_student`) or LoRA adapters on the teacher's UNet
   (`add_lcm_lora`), whose teacher is the same UNet with the adapters off.
+
+`cm_diffusers.losses.build_loss("lcd", distance, teacher=..., num_train_timesteps=..., num_ddim_timesteps=...,
+timestep_scaling=...)` assembles them from the mode's record, as for every mode (this module imports no loss code).
 """
 
 from typing import Callable, Optional, Sequence
@@ -157,16 +160,7 @@ def lcd_loss(loss, student: Callable, target: Callable, latents, prompt_embeds, 
     return loss_value, logs
 
 
-def build_lcd_loss(teacher, distance, num_ddim_timesteps: int = 50, timestep_scaling: float = 10.0):
-    """The `ConsistencyLoss` of `--mode lcd` (its record in `cm_diffusers.modes`): skipping-step pairs, the guided
-    DDIM step of `teacher.network`, LCM's scalings. `teacher` is a `LatentTeacher`."""
-    from ..losses import build_loss
-
-    return build_loss("lcd", distance, teacher=teacher, num_train_timesteps=len(teacher.alphas_cumprod),
-                      num_ddim_timesteps=num_ddim_timesteps, timestep_scaling=timestep_scaling)  # fmt: skip
-
-
 __all__ = [
     "LCM_LORA_TARGET_MODULES", "GuidedDDIMStep", "LCMParameterization", "LatentUNet", "SkippingStepPairs",
-    "add_lcm_lora", "build_lcd_loss", "build_lcm_student", "lcd_loss", "lora_config", "sample_guidance",
+    "add_lcm_lora", "build_lcm_student", "lcd_loss", "lora_config", "sample_guidance",
 ]  # fmt: skip

@@ -1,0 +1,134 @@
+"""`train_consistency.py --mode lcd` end to end on a tiny Stable-Diffusion-shaped teacher and a captioned image folder
+(datasets' imagefolder with metadata.jsonl): both students train, resume exactly, and save what plain diffusers
+loads and samples; bad rows are named and skipped."""
+
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from diffusers import DiffusionPipeline, LatentConsistencyModelPipeline, LCMScheduler  # noqa: E402
+from helpers_sd import IMAGE_SIZE, save_tiny_sd_pipeline  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from training import train_consistency  # noqa: E402
+
+CAPTIONS = ["a red square", "a blue circle", "a green bar", "a white dot"]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lcd-teacher")
+    return save_tiny_sd_pipeline(root / "teacher", root / "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def captioned_images(tmp_path_factory):
+    """16 RGB images with captions in metadata.jsonl, plus a corrupt image and a row without a caption."""
+    folder = tmp_path_factory.mktemp("captioned")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(16):
+        pixels = (rng.uniform(0, 1, (IMAGE_SIZE, IMAGE_SIZE, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:02d}.png")
+        rows.append({"file_name": f"{i:02d}.png", "text": CAPTIONS[i % len(CAPTIONS)]})
+    (folder / "broken.png").write_bytes(b"not a png")
+    rows.append({"file_name": "broken.png", "text": "a broken file"})
+    Image.fromarray(np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)).save(folder / "uncaptioned.png")
+    rows.append({"file_name": "uncaptioned.png", "text": "  "})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
+def train(*flags):
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return train_consistency.main(train_consistency.parse_args([str(flag) for flag in flags]))
+
+
+def lcd_flags(teacher_dir, data_dir, output_dir, student, steps=4):
+    return ["--mode", "lcd", "--lcd_student", student, "--teacher_model_name_or_path", teacher_dir,
+            "--train_data_dir", data_dir, "--output_dir", output_dir, "--max_train_steps", steps,
+            "--train_batch_size", 4, "--num_validation_images", 4, "--seed", 0, "--learning_rate", 1e-3,
+            "--num_scales", 20, "--checkpointing_steps", 2, "--lora_rank", 4, "--ema_decay", 0.5,
+            "--validation_prompts", *CAPTIONS[:2]]  # fmt: skip
+
+
+def steps_of(output_dir):
+    with open(Path(output_dir) / "logs" / "train_log.jsonl") as f:
+        return [entry for entry in map(json.loads, f) if "step" in entry]
+
+
+def assert_resume_is_exact(teacher_dir, data_dir, tmp_path, student, weights):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(*lcd_flags(teacher_dir, data_dir, straight, student))
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    assert train(*lcd_flags(teacher_dir, data_dir, resumed, student), "--resume_from_checkpoint", "latest") == 4
+    a, b = steps_of(straight)[2:], steps_of(resumed)
+    assert [entry["step"] for entry in b] == [3, 4]
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6) and x["guidance_mean"] == y["guidance_mean"]
+    first, second = load_file(straight / weights), load_file(resumed / weights)
+    assert first.keys() == second.keys()
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], rtol=0, atol=1e-6)
+    return straight
+
+
+def test_lcd_lcm_trains_resumes_exactly_and_saves_an_lcm_pipeline(teacher_dir, captioned_images, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        out = assert_resume_is_exact(teacher_dir, captioned_images, tmp_path, "lcm",
+                                     "unet/diffusion_pytorch_model.safetensors")  # fmt: skip
+    assert "broken.png" in caplog.text and "uncaptioned.png (empty caption)" in caplog.text  # named and skipped
+    log = steps_of(out)
+    assert all(np.isfinite(entry["loss"]) and 3.0 <= entry["guidance_mean"] <= 15.0 for entry in log)
+    assert {entry["num_scales"] for entry in log} == {20} and {entry["target_ema"] for entry in log} == {0.95}
+
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert isinstance(pipe, LatentConsistencyModelPipeline) and isinstance(pipe.scheduler, LCMScheduler)
+    assert pipe.scheduler.config.original_inference_steps == 20 and pipe.unet.config.time_cond_proj_dim == 256
+    images = pipe(CAPTIONS[:2], num_inference_steps=2, height=IMAGE_SIZE, width=IMAGE_SIZE, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert images.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3) and np.isfinite(images).all()
+    card = (out / "README.md").read_text()
+    assert "latent-consistency-distillation" in card and "LatentConsistencyModelPipeline" in card
+    assert "| w_min | 3.0 |" in card and "teacher (a local folder)" in card
+    assert {"samples_1step.png", "samples_2step.png", "samples_4step.png"} <= {p.name for p in out.iterdir()}
+
+
+def test_lcd_lora_trains_resumes_exactly_and_saves_lora_weights(teacher_dir, captioned_images, tmp_path):
+    out = assert_resume_is_exact(teacher_dir, captioned_images, tmp_path, "lora", "pytorch_lora_weights.safetensors")
+    weights = load_file(out / "pytorch_lora_weights.safetensors")
+    assert weights and all("lora" in name for name in weights)
+    assert {entry["target_ema"] for entry in steps_of(out)} == {0.0}  # LCM-LoRA: no target network
+
+    pipe = DiffusionPipeline.from_pretrained(teacher_dir)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    before = pipe(CAPTIONS[:1], num_inference_steps=2, guidance_scale=1.0, height=IMAGE_SIZE, width=IMAGE_SIZE,
+                  output_type="np", generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    pipe.load_lora_weights(out)
+    after = pipe(CAPTIONS[:1], num_inference_steps=2, guidance_scale=1.0, height=IMAGE_SIZE, width=IMAGE_SIZE,
+                 output_type="np", generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert np.isfinite(after).all() and not np.allclose(before, after)  # the adapters change the sampler's output
+    assert "pipe.load_lora_weights" in (out / "README.md").read_text()
+
+
+def test_lcd_refuses_pixel_only_flags_and_bad_guidance_ranges(teacher_dir, captioned_images, tmp_path):
+    flags = lcd_flags(teacher_dir, captioned_images, tmp_path, "lcm")
+    for extra in (["--denoiser_warmup_steps", 1], ["--class_conditional"], ["--w_min", 9, "--w_max", 3]):
+        with pytest.raises(SystemExit):
+            train_consistency.parse_args([str(flag) for flag in [*flags, *extra]])
