@@ -132,3 +132,25 @@ def test_lcd_refuses_pixel_only_flags_and_bad_guidance_ranges(teacher_dir, capti
     for extra in (["--denoiser_warmup_steps", 1], ["--class_conditional"], ["--w_min", 9, "--w_max", 3]):
         with pytest.raises(SystemExit):
             train_consistency.parse_args([str(flag) for flag in [*flags, *extra]])
+
+
+def test_generate_prompt_samples_lcm_folders_and_teacher_plus_lora(teacher_dir, captioned_images, tmp_path, capsys):
+    from cm_diffusers.cli import main
+
+    for student in ("lcm", "lora"):
+        train(*lcd_flags(teacher_dir, captioned_images, tmp_path / student, student, steps=1))
+    common = ["generate", "--num_images", 3, "--nrow", 3, "--steps", 2, "--seed", 1, "--prompt", CAPTIONS[0]]
+    runs = {
+        "lcm": ["--model", tmp_path / "lcm"],
+        "lora": ["--model", teacher_dir, "--lora", tmp_path / "lora", "--guidance_scale", 1.5],
+    }
+    for name, flags in runs.items():
+        for copy in ("a", "b"):
+            assert main([str(f) for f in [*common, *flags, "--output", tmp_path / f"{name}_{copy}.png"]]) == 0
+        a, b = (np.asarray(Image.open(tmp_path / f"{name}_{copy}.png")) for copy in ("a", "b"))
+        assert a.shape == (IMAGE_SIZE + 4, 3 * (IMAGE_SIZE + 2) + 2, 3) and np.array_equal(a, b)  # one row; seeded
+    assert main(["generate", "--model", str(teacher_dir), "--prompt", "x", "--output", str(tmp_path / "t.png")]) == 1
+    assert "not LCMScheduler" in capsys.readouterr().err
+    empty = ["generate", "--model", str(tmp_path / "lcm"), "--prompt", "", "--output", str(tmp_path / "e.png")]
+    assert main(empty) == 1
+    assert "1 to 1000 characters" in capsys.readouterr().err

@@ -10,6 +10,8 @@ next trajectory point comes from, how noise levels are drawn, the curriculum, th
                 noise levels, doubling curriculum, no EMA target, dropout
     --mode ect  easy consistency tuning (Geng et al. 2024): start from a diffusion model's UNet, continuous sigma and
                 a gap sigma - r that shrinks stage by stage; the cheapest route to good 2-step samples
+    --mode lcd  latent consistency distillation (LCM / LCM-LoRA) of a Stable-Diffusion-shaped text-to-image teacher:
+                the teacher's guided DDIM step in its VAE latent space; saves an LCM pipeline or LoRA weights
 
 Examples (one GPU; several with `--multi_gpu --num_processes N`, which on a machine without CUDA forms a gloo group
 of CPU processes):
@@ -131,7 +133,8 @@ def parse_args(argv=None):
 
     group = parser.add_argument_group("loss and schedule")
     group.add_argument(
-        "--num_scales", type=int_at_least(2), default=None, help="cd: grid size N (18 CIFAR, 40 ImageNet-64)."
+        "--num_scales", type=int_at_least(2), default=None,
+        help="cd: grid size N (18 CIFAR, 40 ImageNet-64); lcd: DDIM timesteps of the skipping-step grid (50).",
     )
     group.add_argument("--ode_solver", type=str, default="heun", choices=["heun", "euler"], help="cd teacher step.")
     group.add_argument(

@@ -57,7 +57,7 @@ def load_latent_teacher(path: str, revision: Optional[str] = None, dtype=torch.f
     """Loads a `StableDiffusionPipeline`-shaped folder or Hub repo; a clear error names what is missing."""
     from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 
-    pipe = DiffusionPipeline.from_pretrained(path, revision=revision, torch_dtype=dtype, safety_checker=None)
+    pipe = DiffusionPipeline.from_pretrained(path, revision=revision, dtype=dtype, safety_checker=None)
     components = pipe.components
     missing = [f"{name} ({kind})" for name, kind in REQUIRED_COMPONENTS.items() if components.get(name) is None]
     if missing:

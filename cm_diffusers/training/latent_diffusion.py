@@ -43,6 +43,7 @@ def build_latent_diffusion_model(args, resolution: int, channels: int, tokenizer
         down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
         up_block_types=("UpDecoderBlock2D",) * len(vae_channels), block_out_channels=vae_channels,
         layers_per_block=1, norm_num_groups=min(32, vae_channels[0]), sample_size=resolution,
+        mid_block_add_attention=False,  # small images: the convolutions see enough; attention costs most of a step
     )  # fmt: skip
     latent_size = resolution // 2 ** (len(vae_channels) - 1)
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -53,9 +54,11 @@ def build_latent_diffusion_model(args, resolution: int, channels: int, tokenizer
     levels = len(unet_channels)
     unet = UNet2DConditionModel(
         sample_size=latent_size, in_channels=args.latent_channels, out_channels=args.latent_channels,
-        block_out_channels=unet_channels, layers_per_block=2, cross_attention_dim=args.text_hidden_size,
-        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+        block_out_channels=unet_channels, layers_per_block=args.unet_layers_per_block,
+        cross_attention_dim=args.text_hidden_size,
+        # cross-attention on the coarser levels (and the middle) only: a fraction of the cost at full resolution
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
         attention_head_dim=8, norm_num_groups=min(32, unet_channels[0]),
     )  # fmt: skip
     return LatentDiffusionModel(vae, unet, text_encoder)
