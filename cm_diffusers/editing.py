@@ -14,6 +14,7 @@ special case y = 0, Omega = 1 with given noise. The loop itself is `cm_diffusers
 `ConsistencyPipeline` as one call.
 """
 
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -224,10 +225,11 @@ def consistency_edit(
     sigmas,
     generator: torch.Generator | list[torch.Generator] | None = None,
     sigma_min: float = SIGMA_MIN,
-    clamp: bool = True,
+    clip_denoised: bool = True,
     latents: torch.Tensor | None = None,
     start_from_reference: bool = False,
     s_noise: float = 1.0,
+    **deprecated,
 ) -> torch.Tensor:
     """
     Zero-shot editing, Song et al. (2023) Algorithm 4.
@@ -241,7 +243,8 @@ def consistency_edit(
         sigmas (sequence of `float` or `torch.Tensor`): Strictly descending noise levels, each >= `sigma_min`.
         generator (`torch.Generator` or `list[torch.Generator]`, *optional*): Source of all noise.
         sigma_min (`float`): The model's epsilon; re-noising to level s adds noise of std sqrt(s^2 - eps^2).
-        clamp (`bool`, defaults to `True`): Clamp f's output to [-1, 1] before each projection.
+        clip_denoised (`bool`, defaults to `True`): Clamp f's output to [-1, 1] before each projection (the
+            scheduler config's `clip_denoised`; the keyword `clamp` of earlier releases still works, with a warning).
         latents (`torch.Tensor`, *optional*): Standard normal noise of the first step (drawn when omitted).
         start_from_reference (`bool`, defaults to `False`): Start from x = y + sigma_1 z with the whole reference
             instead of A^-1[(A y)(1 - Omega)]: stroke-guided editing (SDEdit) and denoising, where Omega = 1 would
@@ -251,6 +254,12 @@ def consistency_edit(
     Returns:
         `torch.Tensor`: the edited images, projected after the last step (unclamped: the kept coefficients are y's).
     """
+    if "clamp" in deprecated:
+        warnings.warn("consistency_edit(clamp=...) is deprecated; pass clip_denoised=... (the scheduler's name).",
+                      FutureWarning, stacklevel=2)
+        clip_denoised = deprecated.pop("clamp")
+    if deprecated:
+        raise TypeError(f"consistency_edit() got an unexpected keyword argument {next(iter(deprecated))!r}")
     _check_4d(y, "consistency_edit's reference `y`")
     if not (callable(getattr(transform, "forward", None)) and callable(getattr(transform, "inverse", None))):
         raise ValueError(f"`transform` needs `forward` and `inverse` methods, got {type(transform).__name__}.")
@@ -276,7 +285,7 @@ def consistency_edit(
         return randn_tensor(shape, generator=generator, device=y.device, dtype=y.dtype)
 
     return consistency_sample(consistency_fn, latents.to(device=y.device, dtype=y.dtype), sigmas, sigma_min,
-                              s_noise, clamp, randn=randn, start=y, project=project)
+                              s_noise, clip_denoised, randn=randn, start=y, project=project)
 
 
 def _check_invertible(transform, y: torch.Tensor):

@@ -74,9 +74,9 @@ def consistency_output(model_output, sample, sigma, sigma_min=SIGMA_MIN, sigma_d
     return c_skip * sample + c_out * model_output
 
 
-def clamp_denoised(denoised: torch.Tensor, clip: bool = True) -> torch.Tensor:
-    """The denoised sample clamped to the data range [-1, 1] when `clip` (the schedulers' `clip_denoised`)."""
-    return denoised.clamp(-1, 1) if clip else denoised
+def clamp_denoised(denoised: torch.Tensor, clip_denoised: bool = True) -> torch.Tensor:
+    """The denoised sample clamped to the data range [-1, 1] when `clip_denoised` (the schedulers' config key)."""
+    return denoised.clamp(-1, 1) if clip_denoised else denoised
 
 
 def renoise(denoised: torch.Tensor, sigma_next, noise: torch.Tensor, sigma_min=SIGMA_MIN, s_noise: float = 1.0):

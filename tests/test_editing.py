@@ -186,7 +186,7 @@ def test_consistency_edit_with_all_free_mask_is_multistep_sampling():
     sigmas, eps = [10.0, 1.0], 0.002
     z0 = torch.randn(2, 1, 4, 4, generator=gen(8))
     out = consistency_edit(toy_consistency_fn, torch.zeros_like(z0), IdentityTransform(), None, sigmas,
-                           generator=gen(9), sigma_min=eps, clamp=False, latents=z0)
+                           generator=gen(9), sigma_min=eps, clip_denoised=False, latents=z0)
     g = gen(9)
     x = toy_consistency_fn(sigmas[0] * z0, torch.full((2,), sigmas[0]))
     x = x + math.sqrt(sigmas[1] ** 2 - eps**2) * randn_tensor(z0.shape, generator=g)

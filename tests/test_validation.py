@@ -104,3 +104,22 @@ def test_old_names_still_work_with_a_deprecation_warning():
         raw = pipe.denoise_raw(x, 1.0)
     assert torch.equal(raw, pipe.consistency_function(x, 1.0, clip_denoised=False))
     assert torch.equal(pipe.consistency_function(x, 1.0), raw.clamp(-1, 1))
+
+
+def test_consistency_edit_takes_clip_denoised_and_the_old_clamp_keyword():
+    from cm_diffusers import IdentityTransform, consistency_edit
+
+    def f(x, sigma):
+        return x * 3  # out of [-1, 1]: the clamp decides the result
+
+    y = torch.full((1, 1, 4, 4), 0.5)
+    z = torch.zeros_like(y)
+    clipped = consistency_edit(f, y, IdentityTransform(), None, [1.0], latents=z, start_from_reference=True)
+    raw = consistency_edit(f, y, IdentityTransform(), None, [1.0], latents=z, clip_denoised=False,
+                           start_from_reference=True)
+    assert clipped.max() == 1.0 and raw.max() == 1.5  # x = y + 1.0 z = y, f(y) = 1.5
+    with pytest.warns(FutureWarning, match="clip_denoised"):
+        assert torch.equal(consistency_edit(f, y, IdentityTransform(), None, [1.0], latents=z, clamp=False,
+                                                start_from_reference=True), raw)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'clmap'"):
+        consistency_edit(f, y, IdentityTransform(), None, [1.0], clmap=False)
