@@ -154,3 +154,34 @@ def test_generate_prompt_samples_lcm_folders_and_teacher_plus_lora(teacher_dir, 
     empty = ["generate", "--model", str(tmp_path / "lcm"), "--prompt", "", "--output", str(tmp_path / "e.png")]
     assert main(empty) == 1
     assert "1 to 1000 characters" in capsys.readouterr().err
+
+
+def test_captioned_data_names_bad_rows_or_stops_and_class_prompts_need_names(captioned_images, labelled_folder):
+    import argparse
+
+    from training.data import add_data_args, build_dataset
+
+    def args_for(*flags):
+        return add_data_args(argparse.ArgumentParser()).parse_args([str(f) for f in flags])
+
+    dataset = build_dataset(args_for("--train_data_dir", captioned_images, "--caption_column", "text"))
+    assert len(dataset) == 16 and dataset[0]["captions"] == CAPTIONS[0]
+    with pytest.raises(ValueError, match=r"uncaptioned\.png \(empty caption\)"):
+        build_dataset(args_for("--train_data_dir", captioned_images, "--caption_column", "text",
+                               "--on_bad_image", "error"))  # fmt: skip
+    with pytest.raises(ValueError, match="--caption_column 'caption' is not a column"):
+        build_dataset(args_for("--train_data_dir", captioned_images, "--caption_column", "caption"))
+    dataset = build_dataset(args_for("--train_data_dir", labelled_folder, "--caption_template", "a photo of a {}"))
+    assert sorted({dataset[i]["captions"] for i in range(len(dataset))}) == ["a photo of a boot", "a photo of a shirt"]
+    with pytest.raises(ValueError, match="needs a '{}'"):
+        build_dataset(args_for("--train_data_dir", labelled_folder, "--caption_template", "a photo"))
+
+
+@pytest.fixture(scope="module")
+def labelled_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("labelled")
+    for label in ("Boot", "Shirt"):
+        (folder / label).mkdir()
+        for i in range(2):
+            Image.fromarray(np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 40 * i, np.uint8)).save(folder / label / f"{i}.png")
+    return folder
