@@ -129,6 +129,9 @@ def test_lcd_lora_trains_resumes_exactly_and_saves_lora_weights(teacher_dir, cap
 
 def test_lcd_refuses_pixel_only_flags_and_bad_guidance_ranges(teacher_dir, captioned_images, tmp_path):
     flags = lcd_flags(teacher_dir, captioned_images, tmp_path, "lcm")
+    assert train_consistency.parse_args([str(f) for f in flags]).ema_decay == 0.5  # given: kept
+    without_ema = [str(f) for f in flags[: flags.index("--ema_decay")] + flags[flags.index("--ema_decay") + 2 :]]
+    assert train_consistency.parse_args(without_ema).ema_decay == 0.0  # LCD saves the online weights by default
     for extra in (["--denoiser_warmup_steps", 1], ["--class_conditional"], ["--w_min", 9, "--w_max", 3]):
         with pytest.raises(SystemExit):
             train_consistency.parse_args([str(flag) for flag in [*flags, *extra]])

@@ -208,7 +208,7 @@ def parse_args(argv=None):
     add_optimization_args(parser, learning_rate=None, optimizers=("radam", "adamw"),
                           learning_rate_help="Peak learning rate (cd/ct 4e-4, ict/ect 1e-4).")
     parser.add_argument("--ema_decay", type=float_in(0, 1, high_open=True), default=0.9999,
-                        help="Evaluation EMA (0: save the online weights).")
+                        help="Evaluation EMA (0: save the online weights; lcd: 0 unless given).")
     add_output_args(parser)
     add_data_args(parser)
     latent_parts.add_lcd_args(parser)

@@ -59,12 +59,14 @@ def add_lcd_args(parser: argparse.ArgumentParser):
 
 
 def check_lcd_args(parser, args):
-    """Defaults by student (target EMA 0.95 for lcm as LCM's script, none for LCM-LoRA) and refusals of pixel-only
-    flags; called by parse_args for --mode lcd only."""
+    """Defaults by student (target EMA 0.95 for lcm as LCM's script, none for LCM-LoRA; no evaluation EMA unless
+    --ema_decay is given) and refusals of pixel-only flags; called by parse_args for --mode lcd only."""
     if not args.w_min <= args.w_max:
         parser.error(f"--w_min ({args.w_min}) must not exceed --w_max ({args.w_max}).")
     if args.target_ema_decay is None:
         args.target_ema_decay = 0.95 if args.lcd_student == "lcm" else 0.0
+    if not any(flag.split("=")[0] == "--ema_decay" for flag in args.command_line.split()):
+        args.ema_decay = 0.0  # LCM's scripts save the online weights (the target EMA is --target_ema_decay)
     if args.caption_column is None and args.caption_template is None:
         args.caption_column = "text"
     if args.validation_guidance_scale is None:
