@@ -188,3 +188,27 @@ def labelled_folder(tmp_path_factory):
         for i in range(2):
             Image.fromarray(np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 40 * i, np.uint8)).save(folder / label / f"{i}.png")
     return folder
+
+
+def test_cached_latents_draw_what_encoding_draws_without_the_encoder(teacher_dir):
+    from cm_diffusers.latent import LatentUNet, build_lcm_student, load_latent_teacher
+    from cm_diffusers.losses import build_loss, l2
+    from cm_diffusers.training.latent import LatentDistillationLoss
+
+    teacher = load_latent_teacher(teacher_dir)
+    student = LatentUNet(build_lcm_student(teacher.unet, 32))
+    consistency = build_loss("lcd", l2, teacher=teacher, num_train_timesteps=1000, num_ddim_timesteps=20,
+                             timestep_scaling=10.0)  # fmt: skip
+    pixels = torch.rand(4, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    encoded = LatentDistillationLoss(consistency, teacher, 2.0, 8.0)
+    cached = LatentDistillationLoss(consistency, teacher, 2.0, 8.0, cache_latents=True)
+    calls = []
+    encode = teacher.vae.encode
+    teacher.vae.encode = lambda *a, **k: calls.append(1) or encode(*a, **k)  # counts, then runs the real encoder
+    values = []
+    for loss in (encoded, cached, cached):
+        torch.manual_seed(3)
+        with torch.no_grad():
+            values.append(loss(student, student, pixels, None, captions=CAPTIONS)[0].item())
+    assert len(calls) == 1 + 4  # encoded: one batch; cached: each image once, then never again
+    assert values[1] == values[2] and values[0] == pytest.approx(values[1], rel=1e-5)

@@ -99,7 +99,8 @@ def encode_prompt(tokenizer, text_encoder, prompts) -> torch.Tensor:
 def encode_images(vae, pixels: torch.Tensor, generator=None) -> torch.Tensor:
     """Latents z = scaling_factor * (a draw from the VAE posterior) of images in [-1, 1], as LCM's scripts encode."""
     latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample(generator)
-    return latents.float() * vae.config.scaling_factor
+    # contiguous: the VAE's convolutions may hand back another memory layout, and the loss's randn_like follows it
+    return latents.float().contiguous() * vae.config.scaling_factor
 
 
 class LatentUNet:

@@ -8,6 +8,7 @@ by the frozen text encoder inside the loss, so a batch is what every mode reads:
 
 import argparse
 import copy
+import hashlib
 import logging
 import math
 import os
@@ -51,6 +52,9 @@ def add_lcd_args(parser: argparse.ArgumentParser):
     group.add_argument("--lora_alpha", type=positive_float, default=None, help="lora: alpha (default: the rank).")
     group.add_argument("--lora_target_modules", type=str, default=",".join(LCM_LORA_TARGET_MODULES),
                        help="lora: comma-separated names of the adapted layers (default: LCM-LoRA's).")
+    group.add_argument("--cache_latents", action="store_true",
+                       help="Keep each training image's VAE posterior in memory (2 x its latent size) and skip the "
+                       "encoder after the first epoch; the training draws the same numbers either way.")
     group.add_argument("--validation_prompts", type=str, nargs="+", default=None,
                        help="Prompts of the sample grids (default: the empty prompt).")
     group.add_argument("--validation_guidance_scale", type=non_negative_float, default=None,
@@ -143,34 +147,56 @@ def build_student(args, teacher, dataset_classes, resolution: int, channels: int
 
 class LatentDistillationLoss:
     """LCD's loss on a batch of pixels and captions: VAE latents and text embeddings from the frozen teacher, then
-    `latent.lcd_loss` (w drawn per sample) on the project's `ConsistencyLoss`. Same call as every mode's loss."""
+    `latent.lcd_loss` (w drawn per sample) on the project's `ConsistencyLoss`. Same call as every mode's loss.
 
-    def __init__(self, loss, teacher, w_min: float, w_max: float, cache_size: int = 4096):
-        from ..latent import encode_prompt
+    The frozen text encoder's embedding of a caption is fixed, so it is computed once (alone, so that it does not
+    depend on which batch met the caption first: a resumed run gets the same numbers). With `cache_latents`, the
+    VAE posterior (mean, std) of each image is kept too, keyed by its pixels, and only the draw
+    z = mean + std * noise is made per step: the same random numbers as an encode, without the encoder's cost.
+    """
 
+    def __init__(self, loss, teacher, w_min: float, w_max: float, cache_latents: bool = False,
+                 cache_size: int = 4096):  # fmt: skip
         self.loss, self.teacher, self.w_min, self.w_max = loss, teacher, w_min, w_max
-        self.uncond_embeds = encode_prompt(teacher.tokenizer, teacher.text_encoder, [""])
-        self.cache, self.cache_size = {}, cache_size  # the text encoder is frozen: a caption's embedding is fixed
+        self.embeddings, self.cache_size = {}, cache_size
+        self.uncond_embeds = self.embed([""])
+        self.posteriors = {} if cache_latents else None
 
     def embed(self, captions) -> torch.Tensor:
         from ..latent import encode_prompt
 
-        missing = [caption for caption in dict.fromkeys(captions) if caption not in self.cache]
-        if missing:
-            embeds = encode_prompt(self.teacher.tokenizer, self.teacher.text_encoder, missing)
-            if len(self.cache) + len(missing) > self.cache_size:
-                self.cache.clear()
-            self.cache.update(zip(missing, embeds))
-        return torch.stack([self.cache[caption] for caption in captions])
+        for caption in dict.fromkeys(captions):
+            if caption not in self.embeddings:
+                if len(self.embeddings) >= self.cache_size:
+                    self.embeddings.clear()
+                self.embeddings[caption] = encode_prompt(self.teacher.tokenizer, self.teacher.text_encoder,
+                                                         [caption])[0]  # fmt: skip
+        return torch.stack([self.embeddings[caption] for caption in captions])
+
+    def latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        from ..latent import encode_images
+
+        vae = self.teacher.vae
+        if self.posteriors is None:
+            return encode_images(vae, pixels)
+        keys = [hashlib.sha1(image.detach().cpu().numpy().tobytes()).hexdigest() for image in pixels]
+        with torch.no_grad():
+            for key, image in zip(keys, pixels):
+                if key not in self.posteriors:  # encoded alone: the cache holds the same numbers on every resume
+                    posterior = vae.encode(image[None].to(vae.dtype)).latent_dist
+                    self.posteriors[key] = (posterior.mean[0], posterior.std[0])
+        mean = torch.stack([self.posteriors[key][0] for key in keys])
+        std = torch.stack([self.posteriors[key][1] for key in keys])
+        z = mean + std * torch.randn(mean.shape, dtype=mean.dtype, device=mean.device)  # DiagonalGaussian's draw
+        return z.float() * vae.config.scaling_factor
 
     def __call__(self, student, target, sample, levels, class_labels=None, captions=None):
-        from ..latent import encode_images, lcd_loss
+        from ..latent import lcd_loss
 
         if captions is None:
             raise ValueError("--mode lcd trains on captioned images: pass --caption_column or --caption_template.")
-        latents = encode_images(self.teacher.vae, sample)
-        return lcd_loss(self.loss, student, target, latents, self.embed(captions), self.uncond_embeds, self.w_min,
-                        self.w_max)  # fmt: skip
+        return lcd_loss(self.loss, student, target, self.latents(sample), self.embed(captions), self.uncond_embeds,
+                        self.w_min, self.w_max)  # fmt: skip
 
 
 def build_losses(args, teacher, sigma_min, sigma_max, device) -> tuple:
@@ -178,7 +204,7 @@ def build_losses(args, teacher, sigma_min, sigma_max, device) -> tuple:
     loss = build_loss("lcd", make_distance(args.loss_type, args.huber_c, device), teacher=teacher,
                       num_train_timesteps=teacher.num_train_timesteps, num_ddim_timesteps=args.num_scales,
                       timestep_scaling=args.timestep_scaling)  # fmt: skip
-    return LatentDistillationLoss(loss, teacher, args.w_min, args.w_max), None
+    return LatentDistillationLoss(loss, teacher, args.w_min, args.w_max, args.cache_latents), None
 
 
 # ----------------------------------------------------------------------------------------------------------------
