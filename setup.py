@@ -28,6 +28,8 @@ setup(
         "train": ["tensorboard>=2.14"],
         # The HTTP API (`cm-diffusers serve`): Ray Serve brings FastAPI, uvicorn, pydantic and prometheus_client.
         "serve": ["ray[serve]==2.60.0", "python-multipart>=0.0.9", "requests>=2.28"],
+        # Latent consistency distillation (`--mode lcd`): text encoders and tokenizers, LoRA adapters (LCM-LoRA).
+        "lcd": ["transformers>=4.41.2", "peft>=0.17.0"],
         # schemathesis fuzzes the HTTP API from its OpenAPI schema; psutil reads the server's listening sockets.
         "test": ["pytest>=8", "pytest-timeout>=2.2", "scipy>=1.10", "matplotlib>=3.7", "tensorboard>=2.14", "ruff",
                  "selenium>=4.20", "schemathesis==4.32.5", "psutil>=5.9"],

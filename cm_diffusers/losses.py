@@ -189,6 +189,19 @@ def shared_dropout(device: torch.device):
     return torch.random.fork_rng(devices=[device.index or 0], device_type=device.type)
 
 
+class EDMParameterization:
+    """Levels are EDM sigmas: x_n = x + sigma z, f = c_skip x + c_out F(c_in x, t(sigma)) (`consistency_function`)."""
+
+    def __init__(self, sigma_min=SIGMA_MIN, sigma_data=SIGMA_DATA):
+        self.sigma_min, self.sigma_data = sigma_min, sigma_data
+
+    def add_noise(self, sample, noise, sigma):
+        return sample + append_dims(sigma, sample.ndim) * noise
+
+    def __call__(self, model: Callable, sample, sigma, **cond):
+        return consistency_function(model, sample, sigma, self.sigma_min, self.sigma_data, **cond)
+
+
 class ConsistencyLoss:
     """d(f_theta(x_n, sigma_n), f_target(x_hat_{n+1}, sigma_{n+1})) weighted by lambda: every mode's loss.
 
@@ -199,10 +212,19 @@ class ConsistencyLoss:
         distance: (a, b) -> per-sample distance (B,).
         weighting: (sigma_n, sigma_{n+1}) -> lambda (B,); `unit_weight` or `inverse_gap_weight`.
         sigma_min, sigma_data: the boundary scalings, the same ones the sampler uses.
+        parameterization: how x_n is noised and f evaluated at a level; EDM sigma space (`EDMParameterization`)
+            unless a mode brings its own (LCD: DDPM timesteps and LCM's scalings, `cm_diffusers.latent`).
     """
 
     def __init__(
-        self, next_point, sample_sigmas, distance=l2, weighting=unit_weight, sigma_min=SIGMA_MIN, sigma_data=SIGMA_DATA
+        self,
+        next_point,
+        sample_sigmas,
+        distance=l2,
+        weighting=unit_weight,
+        sigma_min=SIGMA_MIN,
+        sigma_data=SIGMA_DATA,
+        parameterization=None,
     ):
         self.next_point, self.sample_sigmas, self.distance, self.weighting = (
             next_point,
@@ -211,24 +233,28 @@ class ConsistencyLoss:
             weighting,
         )
         self.sigma_min, self.sigma_data = sigma_min, sigma_data
+        self.parameterization = parameterization or EDMParameterization(sigma_min, sigma_data)
 
-    def __call__(self, student: Callable, target: Callable, sample: torch.Tensor, levels: Levels, class_labels=None):
+    def __call__(
+        self, student: Callable, target: Callable, sample: torch.Tensor, levels: Levels, class_labels=None, **cond
+    ):
         """Returns the loss (float32 scalar) and a dict of detached per-batch statistics for logging.
 
-        `student` and `target` are raw networks F(x_in, t, class_labels=None) (see `networks.unet_forward`); the
-        target may be the student itself (mu = 0: stop-gradient of the online network).
+        `student` and `target` are raw networks F(x_in, t, class_labels=None, **cond) (see `networks.unet_forward`);
+        the target may be the student itself (mu = 0: stop-gradient of the online network). Further conditioning
+        (`cond`, e.g. LCD's text embeddings and guidance scale) goes to the networks and to `next_point` alike.
         """
-        cond = {"class_labels": class_labels}
+        cond = {"class_labels": class_labels, **cond}
         sigma, sigma_next = self.sample_sigmas(sample.shape[0], levels, device=sample.device)
         noise = torch.randn_like(sample)
-        x_n = sample + append_dims(sigma, sample.ndim) * noise
+        x_n = self.parameterization.add_noise(sample, noise, sigma)
         with torch.no_grad():
-            x_next = self.next_point(x_n, sigma, sigma_next, sample, noise, class_labels)
+            x_next = self.next_point(x_n, sigma, sigma_next, sample, noise, **cond)
 
         with shared_dropout(sample.device):  # the target below draws the same dropout masks as the student
-            denoised = consistency_function(student, x_n, sigma, self.sigma_min, self.sigma_data, **cond)
+            denoised = self.parameterization(student, x_n, sigma, **cond)
         with torch.no_grad():
-            target_denoised = consistency_function(target, x_next, sigma_next, self.sigma_min, self.sigma_data, **cond)
+            target_denoised = self.parameterization(target, x_next, sigma_next, **cond)
 
         distance = self.distance(denoised.float(), target_denoised.float())
         weight = self.weighting(sigma, sigma_next).float()
@@ -438,7 +464,15 @@ def build_loss(
                                        record.weighting == "adaptive" and settings.get("adaptive_weighting", True),
                                        settings.get("prior_weighting", False),
                                        settings.get("tangent_norm_c", 0.1))  # fmt: skip
-    return ConsistencyLoss(next_point, sampler, distance, WEIGHTINGS[record.weighting], sigma_min, sigma_data)
+    parameterization = PARAMETERIZATIONS[record.parameterization](teacher, settings)
+    return ConsistencyLoss(next_point, sampler, distance, WEIGHTINGS[record.weighting], sigma_min, sigma_data,
+                           parameterization)  # fmt: skip
+
+
+def _latent():
+    from .latent import distill  # LCD's parts need transformers and peft (the `lcd` extra) only when used
+
+    return distill
 
 
 # The parts a mode's record names (`cm_diffusers.modes`), each built from the loss settings.
@@ -447,8 +481,11 @@ ESTIMATORS = {
     "data_point": lambda teacher, s: DataPointStep(),
     "teacher_tangent": lambda teacher, s: TeacherTangent(teacher, s["teacher_clip_denoised"], s["sigma_data"]),
     "data_tangent": lambda teacher, s: DataTangent(),
+    # lcd: `teacher` is a `latent.LatentTeacher` (its raw network, noise schedule and prediction type)
+    "guided_ddim_step": lambda teacher, s: _latent().GuidedDDIMStep(teacher.network, teacher.alphas_cumprod,
+                                                                    teacher.prediction_type),  # fmt: skip
 }
-NEEDS_TEACHER = ("teacher_ode_step", "teacher_tangent")
+NEEDS_TEACHER = ("teacher_ode_step", "teacher_tangent", "guided_ddim_step")
 SAMPLERS = {
     "karras_grid": lambda s: KarrasGridPairs(s["sigma_min"], s["sigma_max"], s["rho"], p_mean=s["p_mean"],
                                              p_std=s["p_std"]),  # fmt: skip
@@ -457,6 +494,12 @@ SAMPLERS = {
     "ect_pairs": lambda s: ECTPairs(s["sigma_min"], s["sigma_max"], s["p_mean"], s["p_std"], s["q"], s["k"], s["b"]),
     "trigflow_lognormal": lambda s: TrigFlowTimes(s["sigma_min"], s["sigma_max"], s["sigma_data"], s["p_mean"],
                                                   s["p_std"]),  # fmt: skip
+    "skipping_step": lambda s: _latent().SkippingStepPairs(s["num_train_timesteps"], s["num_ddim_timesteps"]),
 }
 # sigma_n, sigma_{n+1} -> lambda for the discrete loss; "adaptive" is sCM's learned log-variance (`LogVarianceHead`)
 WEIGHTINGS = {"unit": unit_weight, "inverse_gap": inverse_gap_weight, "adaptive": LogVarianceHead}
+PARAMETERIZATIONS = {
+    "edm": lambda teacher, s: EDMParameterization(s["sigma_min"], s["sigma_data"]),
+    "lcm": lambda teacher, s: _latent().LCMParameterization(teacher.alphas_cumprod, teacher.prediction_type,
+                                                            s["timestep_scaling"]),  # fmt: skip
+}

@@ -40,8 +40,11 @@ class Mode(NamedTuple):
     levels: Callable  # (curriculum, step) -> Levels: the schedule of one step
     target_ema: Callable  # (curriculum) -> whether the target network is an EMA copy (else stop-grad of online)
     card_settings: Callable  # (args, final Levels) -> {name: value} for the card's training table
-    sampling: str  # "grid": sampled by grid `timesteps`; "sigmas": continuous levels, sampled by sigmas; "trigflow"
-    loss: str = "consistency"  # "consistency": the discrete loss (`losses.ConsistencyLoss`); "trigflow": sCM's
+    sampling: str  # "grid": sampled by grid `timesteps`; "sigmas": continuous levels, sampled by sigmas; "trigflow":
+    # a TrigFlow model (`TrigFlowSCMScheduler`); "lcm": a latent model sampled by diffusers' LCMScheduler
+    loss: str = "consistency"  # "consistency": the discrete loss (`losses.ConsistencyLoss`); "trigflow": sCM's loss
+    parameterization: str = "edm"  # how levels noise x and scale f, a name of `losses.PARAMETERIZATIONS`
+    space: str = "pixel"  # "latent": a text-to-image latent model; `cm_diffusers.training.latent` builds its parts
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,6 +199,29 @@ MODES = {
         card_settings=_scm_card_settings,
         sampling="trigflow",
         loss="trigflow",
+    ),
+    "lcd": Mode(
+        tag="latent-consistency-distillation",
+        description="latent consistency distillation (LCM, Luo et al. 2023) of a text-to-image latent diffusion model",
+        help="latent consistency distillation (LCM) of a Stable-Diffusion-shaped text-to-image teacher: one "
+        "classifier-free-guided DDIM step of the teacher over a skipping-step grid of --num_scales DDIM timesteps "
+        "in its VAE latent space, guidance w drawn from [--w_min, --w_max]; the student is the full UNet with a "
+        "w-embedding (--lcd_student lcm) or LoRA adapters on the teacher's UNet (--lcd_student lora)",
+        teacher="distill",
+        defaults=dict(num_scales=50, learning_rate=1e-4, loss_type="l2", dropout=0.0),
+        levels=_fixed_grid,
+        target_ema=lambda curriculum: curriculum.target_ema > 0,
+        estimator="guided_ddim_step",
+        sampler="skipping_step",
+        weighting="unit",
+        weighting_text="1",
+        card_settings=lambda args, final: dict(student=args.lcd_student, num_ddim_timesteps=args.num_scales,
+                                               w_min=args.w_min, w_max=args.w_max,
+                                               timestep_scaling=args.timestep_scaling,
+                                               target_ema_decay=args.target_ema_decay),  # fmt: skip
+        sampling="lcm",
+        parameterization="lcm",
+        space="latent",
     ),
 }
 

@@ -15,7 +15,13 @@ def unet_forward(unet: torch.nn.Module, dtype: torch.dtype | None = None) -> Cal
 
     With `dtype` (the weights' dtype, e.g. float16 for a half-precision pipeline) the input is cast to it and the
     output back to the input's dtype; without it both pass through unchanged (autocast handles mixed precision).
+    A text-conditioned UNet2DConditionModel (latent consistency distillation) becomes `latent.LatentUNet`, the raw
+    network F(x_t, t, encoder_hidden_states, guidance).
     """
+    if getattr(getattr(unet, "module", unet).config, "cross_attention_dim", None) is not None:
+        from .latent.components import LatentUNet
+
+        return LatentUNet(unet)
 
     def forward(x_in: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         cond = {"class_labels": class_labels} if class_labels is not None else {}

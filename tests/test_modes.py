@@ -30,7 +30,8 @@ def test_one_table_of_modes_is_what_every_reader_sees():
     assert all(isinstance(record, Mode) for record in MODES.values())
     parser_help = _help_text()
     for name, record in MODES.items():
-        assert record.teacher in ("distill", "init", "optional") and record.sampling in ("grid", "sigmas", "trigflow")
+        assert record.teacher in ("distill", "init", "optional")
+        assert record.sampling in ("grid", "sigmas", "trigflow", "lcm")
         assert record.help.split()[0] in parser_help  # the --mode help is built from the records
         assert record.estimator in ESTIMATORS and record.sampler in SAMPLERS and record.weighting in WEIGHTINGS
     with pytest.raises(ValueError, match="Unknown mode 'xyz'; choose one of cd, ct"):

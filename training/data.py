@@ -44,8 +44,8 @@ FLIP_COLUMN = "_flip"
 
 def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds the data flags: --dataset_name, --dataset_config_name, --dataset_split, --train_data_dir,
-    --fashion_mnist_dir, --cache_dir, --image_column, --label_column, --resolution, --channels, --random_flip,
-    --max_train_samples, --on_bad_image."""
+    --fashion_mnist_dir, --cache_dir, --image_column, --label_column, --caption_column, --caption_template,
+    --resolution, --channels, --random_flip, --max_train_samples, --on_bad_image."""
     group = parser.add_argument_group("data")
     group.add_argument(
         "--dataset_name",
@@ -78,6 +78,20 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=None,
         help="The column holding integer class labels (default: `label`, `labels` or `class` when present; "
         "`none` ignores labels).",
+    )
+    group.add_argument(
+        "--caption_column",
+        type=str,
+        default=None,
+        help="The column holding each image's text prompt (text-to-image training, e.g. --mode lcd: default "
+        "`text`, as in an imagefolder's metadata.jsonl); rows with an empty caption are named and skipped.",
+    )
+    group.add_argument(
+        "--caption_template",
+        type=str,
+        default=None,
+        help="Make each image's prompt from its class name, e.g. 'a photo of a {}' (lower-cased names of the label "
+        "column's ClassLabel, e.g. Fashion-MNIST's 'ankle boot'); instead of --caption_column.",
     )
     group.add_argument(
         "--resolution",
@@ -195,19 +209,43 @@ def find_non_image_files(folder: str) -> list:
     return others
 
 
+def caption_text(caption) -> str:
+    """A row's prompt: the text itself, or the first of several (lists of captions per image); "" when none."""
+    if isinstance(caption, (list, tuple)):
+        caption = next((c for c in caption if isinstance(c, str) and c.strip()), "")
+    return caption.strip() if isinstance(caption, str) else ""
+
+
+def find_bad_captions(dataset: datasets.Dataset, caption_column: str, image_column: str) -> list:
+    """(row index, name, reason) for every row whose caption is empty or not text, named by its image file."""
+    captions = dataset.with_format(None)[caption_column]
+    bad = [index for index, caption in enumerate(captions) if not caption_text(caption)]
+    if not bad:
+        return []
+    raw = dataset.cast_column(image_column, datasets.Image(decode=False)).select(bad)[image_column]
+    names = [os.path.basename((item or {}).get("path") or "") or f"row {index}" for index, item in zip(bad, raw)]
+    return [(index, name, "empty caption") for index, name in zip(bad, names)]
+
+
 def _handle_bad_files(dataset, args):
     bad = find_bad_images(dataset, args.image_column)
+    if getattr(args, "caption_column", None):
+        bad += find_bad_captions(dataset, args.caption_column, args.image_column)
     others = find_non_image_files(args.train_data_dir) if args.train_data_dir else []
     if not bad and not others:
         return dataset
     described = [f"{name} ({reason})" for _, name, reason in bad] + [f"{name} (not an image file)" for name in others]
     listing = ", ".join(described[:10]) + (f" and {len(described) - 10} more" if len(described) > 10 else "")
+    if any(reason == "empty caption" for _, _, reason in bad):
+        what = "row(s) that are not readable images or lack a caption"
+        where = "row(s) of the training data are not readable images or lack a caption"
+    else:
+        what, where = "file(s) that are not readable images", "file(s) in the training data are not readable images"
     if args.on_bad_image == "error":
         raise ValueError(
-            f"{len(described)} file(s) in the training data are not readable images: {listing}. Remove or fix them, "
-            "or pass --on_bad_image skip."
+            f"{len(described)} {where}: {listing}. Remove or fix them, or pass --on_bad_image skip."
         )
-    logger.warning(f"Skipping {len(described)} file(s) that are not readable images: {listing}")
+    logger.warning(f"Skipping {len(described)} {what}: {listing}")
     bad_rows = {index for index, _, _ in bad}
     return dataset.select([i for i in range(len(dataset)) if i not in bad_rows])
 
@@ -247,6 +285,19 @@ def num_classes(dataset: datasets.Dataset) -> Optional[int]:
     return int(max(dataset.with_format(None)[label_column])) + 1
 
 
+def class_name_prompts(dataset: datasets.Dataset, label_column: Optional[str], template: Optional[str]):
+    """The prompt of each class, `template` filled with its lower-cased name (None without a template)."""
+    if template is None:
+        return None
+    if "{}" not in template:
+        raise ValueError(f"--caption_template needs a '{{}}' where the class name goes, got {template!r}.")
+    feature = dataset.features.get(label_column) if label_column else None
+    if not isinstance(feature, datasets.ClassLabel):
+        raise ValueError("--caption_template makes prompts from class names: the data needs a labelled column with "
+                         "class names (a ClassLabel, e.g. --dataset_name fashion_mnist).")  # fmt: skip
+    return [template.format(name.lower()) for name in feature.names]
+
+
 def with_mirrored_copies(dataset: datasets.Dataset) -> datasets.Dataset:
     """Random horizontal flips as data: every image twice, as is and mirrored (a `_flip` column).
 
@@ -268,6 +319,10 @@ def build_dataset(args) -> datasets.Dataset:
     if args.image_column not in dataset.column_names:
         raise ValueError(f"--image_column {args.image_column!r} is not a column; columns: {dataset.column_names}.")
     label_column = _label_column(dataset, args.label_column)
+    caption_column = getattr(args, "caption_column", None)
+    if caption_column is not None and caption_column not in dataset.column_names:
+        raise ValueError(f"--caption_column {caption_column!r} is not a column; columns: {dataset.column_names}.")
+    class_prompts = class_name_prompts(dataset, label_column, getattr(args, "caption_template", None))
     if args.max_train_samples is not None:
         if args.dataset_name not in FASHION_MNIST_NAMES:  # Fashion-MNIST is already in random order
             dataset = dataset.shuffle(seed=getattr(args, "seed", None) or 0)
@@ -291,6 +346,10 @@ def build_dataset(args) -> datasets.Dataset:
         out = {"pixel_values": pixel_values}
         if label_column is not None:
             out["class_labels"] = [int(label) for label in batch[label_column]]
+        if caption_column is not None:
+            out["captions"] = [caption_text(caption) for caption in batch[caption_column]]
+        elif class_prompts is not None:
+            out["captions"] = [class_prompts[int(label)] for label in batch[label_column]]
         return out
 
     dataset = dataset.with_transform(transform)

@@ -14,6 +14,8 @@ levels or times are drawn, the curriculum, the weighting and the default distanc
     --mode sct  continuous-time CT (Lu & Song 2024) in TrigFlow: the JVP of the network along the data tangent
                 cos(t) z - sin(t) x0, normalised and warmed-up tangent, learned adaptive weighting
     --mode scd  continuous-time CD: the same loss with the teacher's PF-ODE tangent (any EDM or DDPM teacher)
+    --mode lcd  latent consistency distillation (LCM / LCM-LoRA) of a Stable-Diffusion-shaped text-to-image teacher:
+                the teacher's guided DDIM step in its VAE latent space; saves an LCM pipeline or LoRA weights
 
 Every mode is one record of `cm_diffusers.modes.MODES` (its estimator, levels or times, weighting, curriculum, flag
 defaults, card text); `--help` lists them from there.
@@ -59,18 +61,11 @@ from cm_diffusers.argtypes import (  # noqa: E402
 )
 from cm_diffusers.modes import MODES  # noqa: E402
 from cm_diffusers.networks import unet_forward  # noqa: E402
+from cm_diffusers.training import consistency as pixel_parts  # noqa: E402
+from cm_diffusers.training import latent as latent_parts  # noqa: E402
 from cm_diffusers.training.args import add_optimization_args, add_output_args, record_command_line  # noqa: E402
 from cm_diffusers.training.checkpoints import raise_if_not_finite  # noqa: E402
-from cm_diffusers.training.consistency import (  # noqa: E402
-    build_curriculum,
-    build_losses,
-    build_student,
-    load_teacher_for,
-    log_validation,
-    loss_modules,
-    pipeline_scheduler,
-    save_pipeline,
-)
+from cm_diffusers.training.consistency import build_curriculum, loss_modules  # noqa: E402
 from cm_diffusers.training.loop import (  # noqa: E402
     StepBatches,
     StepLog,
@@ -88,6 +83,10 @@ from cm_diffusers.training.loop import (  # noqa: E402
 )
 from cm_diffusers.training.runtime import check_model_source, make_accelerator, run_script  # noqa: E402
 from training.data import add_data_args, build_dataset, num_classes  # noqa: E402
+
+# What builds a mode's teacher, student, losses and saved model, by its record's `space`: pixel-space consistency
+# models (a ConsistencyPipeline) or latent text-to-image ones (lcd: an LCM pipeline or LCM-LoRA weights).
+PARTS = {"pixel": pixel_parts, "latent": latent_parts}
 
 
 def parse_args(argv=None):
@@ -141,7 +140,8 @@ def parse_args(argv=None):
 
     group = parser.add_argument_group("loss and schedule")
     group.add_argument(
-        "--num_scales", type=int_at_least(2), default=None, help="cd: grid size N (18 CIFAR, 40 ImageNet-64)."
+        "--num_scales", type=int_at_least(2), default=None,
+        help="cd: grid size N (18 CIFAR, 40 ImageNet-64); lcd: DDIM timesteps of the skipping-step grid (50).",
     )
     group.add_argument("--ode_solver", type=str, default="heun", choices=["heun", "euler"], help="cd teacher step.")
     group.add_argument(
@@ -234,9 +234,10 @@ def parse_args(argv=None):
     add_optimization_args(parser, learning_rate=None, optimizers=("radam", "adamw"),
                           learning_rate_help="Peak learning rate (cd/ct 4e-4, ict/ect 1e-4).")
     parser.add_argument("--ema_decay", type=float_in(0, 1, high_open=True), default=0.9999,
-                        help="Evaluation EMA (0: save the online weights).")
+                        help="Evaluation EMA (0: save the online weights; lcd: 0 unless given).")
     add_output_args(parser)
     add_data_args(parser)
+    latent_parts.add_lcd_args(parser)
     args = record_command_line(parser.parse_args(argv), argv)
     mode = MODES[args.mode]
     for name, value in mode.defaults.items():
@@ -251,6 +252,8 @@ def parse_args(argv=None):
                 parser.error(f"{flag} is not available in --mode {args.mode} (TrigFlow parameterization).")
         if args.loss_type != "l2":
             parser.error(f"--mode {args.mode} trains with squared L2 on F (sCM); drop --loss_type {args.loss_type}.")
+    if mode.space == "latent":
+        latent_parts.check_lcd_args(parser, args)
     if mode.teacher in ("distill", "init") and args.teacher_model_name_or_path is None:
         parser.error(f"--mode {args.mode} starts from a diffusion model: pass --teacher_model_name_or_path.")
     if args.teacher_model_name_or_path is not None:
@@ -298,21 +301,22 @@ def main(args):
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     # 1. Teacher (cd: the ODE steps; cd and ect: the initialisation), first: a bad teacher fails before data loads
-    teacher, sigma_min, sigma_max = load_teacher_for(args, accelerator, weight_dtype)
+    parts = PARTS[MODES[args.mode].space]
+    teacher, sigma_min, sigma_max = parts.load_teacher_for(args, accelerator, weight_dtype)
     curriculum = build_curriculum(args)
-    scheduler, schedules = pipeline_scheduler(args, curriculum, sigma_min, sigma_max)  # checks the start too
+    scheduler, schedules = parts.pipeline_scheduler(args, curriculum, sigma_min, sigma_max, teacher)  # checks too
 
     # 2. Data, then the student (identical initial weights on every rank), the target and the evaluation EMA
     with accelerator.main_process_first():  # downloads and dataset caches are written once
         dataset = build_dataset(args)
     channels, resolution = dataset[0]["pixel_values"].shape[0], dataset[0]["pixel_values"].shape[-1]
     torch.manual_seed(args.seed)
-    unet = build_student(args, teacher, num_classes(dataset), resolution, channels)
+    unet = parts.build_student(args, teacher, num_classes(dataset), resolution, channels)
     torch.manual_seed(args.seed + accelerator.process_index)  # noise and dropout differ per rank
     # mu = 0 makes the target the stop-gradient of the online network itself: no copy needed
     target_unet = copy.deepcopy(unet).requires_grad_(False) if curriculum.uses_target_ema else None
     ema = make_ema(unet, args.ema_decay) if args.ema_decay > 0 else None
-    loss_fn, warmup_loss_fn = build_losses(args, teacher, sigma_min, sigma_max, accelerator.device)
+    loss_fn, warmup_loss_fn = parts.build_losses(args, teacher, sigma_min, sigma_max, accelerator.device)
     heads = [head.to(accelerator.device) for head in loss_modules(loss_fn)]  # sCM's learned weighting w(t)
     teacher = None  # the losses hold what they need; ect used only the weights, copied above
 
@@ -339,9 +343,10 @@ def main(args):
         for _ in range(args.gradient_accumulation_steps):
             batch = next(batches)
             sample, class_labels = batch["pixel_values"], batch.get("class_labels") if conditional else None
+            text = {"captions": batch["captions"]} if "captions" in batch else {}  # text-to-image data (lcd)
             with accelerator.accumulate(unet):
                 with accelerator.autocast():
-                    loss, stats = step_loss_fn(student, target, sample, levels, class_labels)
+                    loss, stats = step_loss_fn(student, target, sample, levels, class_labels, **text)
                 backward_and_step(accelerator, unet, optimizer, loss, args.max_grad_norm, unwrapped=heads)
             step_loss = step_loss + loss.detach() / args.gradient_accumulation_steps
         lr_schedule.step()
@@ -360,17 +365,17 @@ def main(args):
             local_loss=step_loss, model=trained, N=levels.num_scales)  # fmt: skip
         if is_due(args.checkpointing_steps, global_step):
             checkpoint(accelerator, args, global_step, [raw_unet, target_unet, *heads], optimizer, ema,
-                       probe=lambda: step_loss_fn(student, target, sample, levels, class_labels)[0])  # fmt: skip
+                       probe=lambda: step_loss_fn(student, target, sample, levels, class_labels, **text)[0])
         if is_due(args.validation_steps, global_step) and accelerator.is_main_process:
-            log_validation(accelerator, raw_unet, ema, scheduler, schedules, args, global_step)
+            parts.log_validation(accelerator, raw_unet, ema, scheduler, schedules, args, global_step)
 
     # 5. Save the pipeline with the evaluation (EMA) weights, sample grids and the model card; only the main process
     raise_if_diverged(accelerator, args, global_step, [raw_unet, target_unet, *heads], optimizer, ema)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final_levels = curriculum(max(global_step - args.denoiser_warmup_steps, 0))
-        save_pipeline(args, raw_unet, ema, scheduler, schedules, final_levels, global_step, accelerator,
-                      (sigma_min, sigma_max))
+        parts.save_pipeline(args, raw_unet, ema, scheduler, schedules, final_levels, global_step, accelerator,
+                            (sigma_min, sigma_max))
         log.event(event="saved_pipeline", rank=accelerator.process_index)
     finish_run(accelerator, log)
     return global_step

@@ -31,6 +31,13 @@ def register(subparsers):
                         help="Comma-separated descending noise levels (instead of --steps).")
     parser.add_argument("--class_labels", type=number_list(int, "--class_labels", low=0), default=None,
                         help="Comma-separated labels (one, or one per image) for class-conditional models.")
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="Text-to-image latent models (an LCM folder, or a teacher with --lora): the prompt; "
+                        "repeat the flag for one prompt per image.")
+    parser.add_argument("--lora", default=None,
+                        help="LCM-LoRA weights (folder or Hub repo id) for --model, sampled with LCMScheduler.")
+    parser.add_argument("--guidance_scale", type=float, default=None,
+                        help="With --prompt: diffusers' guidance scale (default 8.5 for an LCM, 1 for an LCM-LoRA).")
     parser.add_argument("--seed", type=int, default=0, help="Random seed; the same seed gives the same images.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device.")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="Weights and compute dtype.")
@@ -54,6 +61,8 @@ def run(args) -> int:
     check_image_path(args.output, "--output")  # before any work: a bad path must not cost a whole generation
     if args.save_images_dir:
         check_folder_path(args.save_images_dir, "--save_images_dir")
+    if args.prompt is not None or args.lora is not None:
+        return run_text_to_image(args)
     model = args.model or DEFAULT_MODEL
     looks_like_path = model.startswith(("/", ".", "~")) or model.count("/") > 1
     if looks_like_path and not os.path.isdir(os.path.expanduser(model)):
@@ -90,4 +99,24 @@ def run(args) -> int:
         for i, pil in enumerate(pipe.numpy_to_pil(images)):
             save_image_atomic(pil, os.path.join(args.save_images_dir, f"{i:05d}.png"))
     print(f"Wrote {len(images)} images from {model} to {args.output}")
+    return 0
+
+
+def run_text_to_image(args) -> int:
+    """`generate --prompt` on a latent text-to-image model (cm_diffusers.latent.text_to_image, plain diffusers)."""
+    from ..latent.text_to_image import check_prompts, generate, load_text_to_image
+
+    if args.prompt is None or args.model is None:
+        raise ValueError("A text-to-image model needs --model (an LCM folder, or the teacher of --lora) and --prompt.")
+    if args.timesteps is not None or args.ts is not None or args.sigmas is not None or args.class_labels is not None:
+        raise ValueError("--prompt samples with LCMScheduler: use --steps (1-8), not --timesteps/--ts/--sigmas or "
+                         "--class_labels.")  # fmt: skip
+    prompts = check_prompts(args.prompt, args.num_images)
+    pipe = load_text_to_image(os.path.expanduser(args.model), args.lora, DTYPES[args.dtype], args.device)
+    images = generate(pipe, prompts, args.steps or 4, args.guidance_scale, args.seed, args.batch_size)
+    save_image_atomic(image_grid(images, args.nrow, padding=2), args.output)
+    if args.save_images_dir:
+        for i, pil in enumerate(pipe.numpy_to_pil(images)):
+            save_image_atomic(pil, os.path.join(args.save_images_dir, f"{i:05d}.png"))
+    print(f"Wrote {len(images)} images from {args.model}{' + ' + args.lora if args.lora else ''} to {args.output}")
     return 0

@@ -217,7 +217,7 @@ def loss_modules(loss_fn) -> list:
 # Sampling, validation, the saved pipeline and its card
 
 
-def pipeline_scheduler(args, curriculum: Curriculum, sigma_min: float, sigma_max: float) -> tuple:
+def pipeline_scheduler(args, curriculum: Curriculum, sigma_min: float, sigma_max: float, teacher=None) -> tuple:
     """The scheduler of the saved pipeline (the grid of the final step; ect trains on continuous levels and gets the
     default 40-point grid, sampled by sigmas, starting at --sampling_sigma_max if given) and the 1-/2-step schedules
     it is sampled with."""

@@ -72,6 +72,8 @@ def collate(examples):
     batch = {"pixel_values": torch.stack([example["pixel_values"] for example in examples])}
     if "class_labels" in examples[0]:
         batch["class_labels"] = torch.tensor([example["class_labels"] for example in examples], dtype=torch.long)
+    if "captions" in examples[0]:  # text-to-image data (--caption_column): the prompts as strings
+        batch["captions"] = [example["captions"] for example in examples]
     return batch
 
 
@@ -96,7 +98,8 @@ class StepBatches:
         start = time.perf_counter()
         batch = next(self.iterator)
         self.seconds += time.perf_counter() - start
-        return {name: value.to(self.device, non_blocking=True) for name, value in batch.items()}
+        return {name: value.to(self.device, non_blocking=True) if torch.is_tensor(value) else value
+                for name, value in batch.items()}  # fmt: skip
 
     def pop_seconds(self) -> float:
         seconds, self.seconds = self.seconds, 0.0
@@ -130,7 +133,7 @@ def build_lr_schedule(optimizer, args):
 def make_ema(unet: UNet2DModel, decay: float, warmup: bool = False, inv_gamma: float = 1.0, power: float = 0.75):
     """diffusers' EMAModel of the weights; with `warmup`, decay = min(decay, 1 - (1 + t / inv_gamma)^-power)."""
     return EMAModel(unet.parameters(), decay=decay, use_ema_warmup=warmup, inv_gamma=inv_gamma, power=power,
-                    foreach=True, model_cls=UNet2DModel, model_config=unet.config)
+                    foreach=True, model_cls=type(unet), model_config=unet.config)
 
 
 @torch.no_grad()
