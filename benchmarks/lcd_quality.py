@@ -53,6 +53,7 @@ def parse_args():
     parser.add_argument("--num_samples", type=int, default=2000, help="Generated images per configuration.")
     parser.add_argument("--reference", default="fashion-mnist-train")
     parser.add_argument("--reference_num_samples", type=int, default=10000)
+    parser.add_argument("--skip_fid", action="store_true", help="Prompt adherence only (no Inception features).")
     parser.add_argument("--classifier_epochs", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
@@ -120,8 +121,11 @@ def main():
     labels = np.arange(args.num_samples) % len(PROMPTS)  # class-balanced
     prompts = [PROMPTS[label] for label in labels]
     model, test_accuracy = classifier(args.cache_dir, args.classifier_epochs, args.seed)
-    extractor = InceptionFeatureExtractor()
-    reference = reference_statistics(args.reference, extractor, args.reference_num_samples, cache_dir=args.cache_dir)
+    extractor = reference = None
+    if not args.skip_fid:
+        extractor = InceptionFeatureExtractor()
+        reference = reference_statistics(args.reference, extractor, args.reference_num_samples,
+                                         cache_dir=args.cache_dir)  # fmt: skip
 
     configurations = [("teacher", args.teacher, None, steps, args.teacher_guidance_scale) for steps in
                       args.teacher_steps]  # fmt: skip
@@ -143,8 +147,8 @@ def main():
         images = generate(pipe, prompts, steps, guidance_scale, args.seed, args.batch_size)
         seconds = time.perf_counter() - start
         small = to_fashion_mnist(images)
-        fid = fid_from_features(extract_features(small, extractor, desc=f"{name} {steps}"), reference.mu,
-                                reference.sigma)  # fmt: skip
+        fid = None if args.skip_fid else fid_from_features(
+            extract_features(small, extractor, desc=f"{name} {steps}"), reference.mu, reference.sigma)
         adherence = accuracy(model, torch.from_numpy(small).float() / 255, torch.from_numpy(labels))
         rows.append(dict(model=name, steps=steps, guidance_scale=guidance_scale, fid=fid, prompt_accuracy=adherence,
                          seconds_per_image=seconds / len(prompts)))  # fmt: skip
