@@ -18,7 +18,8 @@ def unet_forward(unet: torch.nn.Module, dtype: torch.dtype | None = None) -> Cal
     A text-conditioned UNet2DConditionModel (latent consistency distillation) becomes `latent.LatentUNet`, the raw
     network F(x_t, t, encoder_hidden_states, guidance).
     """
-    if getattr(getattr(unet, "module", unet).config, "cross_attention_dim", None) is not None:
+    config = getattr(getattr(unet, "module", unet), "config", None)  # a plain nn.Module (a test oracle) has none
+    if getattr(config, "cross_attention_dim", None) is not None:
         from .latent.components import LatentUNet
 
         return LatentUNet(unet)
