@@ -72,7 +72,8 @@ def local_server(args, log_path) -> LocalServer:
     with open(key_file, "w") as f:
         f.write(KEY + "\n")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OMP_WAIT_POLICY="PASSIVE", CM_DIFFUSERS_API_KEYS="")
-    command = ["serve", "--engine", args.engine, "--model", args.model, "--api_key_file", key_file,
+    ray = ["--ray_ports_beyond_loopback"] if args.engine == "ray" else []  # a loopback benchmark on a test machine
+    command = ["serve", "--engine", args.engine, *ray, "--model", args.model, "--api_key_file", key_file,
                "--device", args.device, "--dtype", args.dtype,
                "--rate_limit", "0", "--auth_failures_per_minute", "0",
                "--max_batch_size", str(args.max_batch_size), "--batch_wait_ms", str(args.batch_wait_ms),

@@ -20,6 +20,10 @@ def register(subparsers):
     parser.add_argument("--engine", choices=("embedded", "ray"), default="embedded",
                         help="embedded (default): uvicorn and the model in this process, nothing else listening; "
                              "ray: Ray Serve (needed for --num_replicas > 1 and --address).")
+    parser.add_argument("--ray_ports_beyond_loopback", action="store_true",
+                        help="With --engine ray on a loopback --host: accept that Ray's own servers (GCS, raylet, "
+                             "agents, workers) listen on all interfaces, which Ray 2.60 cannot confine; without it "
+                             "such a server is refused, since it would open more than the loopback it promises.")
     parser.add_argument("--model", default="fashion-mnist-cd",
                         help="Pipeline folder, Hub repo id, or shipped short name (default: fashion-mnist-cd).")
     parser.add_argument("--teacher", default=None,
@@ -115,6 +119,10 @@ def run(args) -> int:
     _check_args(args)
     if args.engine == "embedded" and (args.address or args.num_replicas != 1):
         raise ValueError("--address and --num_replicas need Ray Serve: add --engine ray.")
+    if args.engine == "ray" and args.address is None and args.host in LOOPBACK and not args.ray_ports_beyond_loopback:
+        raise ValueError(f"--engine ray with --host {args.host}: Ray 2.60's own servers would listen on all "
+                         "interfaces, beyond the loopback the API promises. Use the default --engine embedded (it "
+                         "opens only the API's port), or firewall this machine and pass --ray_ports_beyond_loopback.")
     try:
         import torch
         import uvicorn  # noqa: F401
