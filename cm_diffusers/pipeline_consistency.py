@@ -42,7 +42,7 @@ from .parameterization import (
     trigflow_t,
 )
 from .pipeline_editing import ConsistencyEditingMixin
-from .sampling import consistency_sample, consistency_schedule
+from .sampling import consistency_sample, consistency_schedule, named_schedule
 from .scheduling_consistency import ConsistencyScheduler
 from .trigflow_pipeline import TrigFlowSCMScheduler
 from .validation import InputError, validate_sigmas
@@ -379,13 +379,11 @@ class ConsistencyPipeline(ConsistencyEditingMixin, DiffusionPipeline):
         if callback is not None:
             deprecate("callback", "1.0.0", "Passing `callback` to `__call__` is deprecated, consider using "
                       "`callback_on_step_end`.")
-        if timesteps is not None or sigmas is not None:
-            num_inference_steps = None
         batch_size = int(batch_size)
         device = self._device_and_dtype()[0]
 
         # 2. Noise levels: a validated schedule as a value; the shared scheduler is not mutated
-        sigma_schedule = self.sampling_sigmas(num_inference_steps, timesteps, sigmas)
+        sigma_schedule = self.sampling_sigmas(**named_schedule(num_inference_steps, timesteps, sigmas))
         to_time = (lambda s: trigflow_t(s, self.scheduler.config.sigma_data)) if self.is_trigflow else sigma_to_t
         schedule_timesteps = torch.from_numpy(to_time(sigma_schedule.double().numpy())).to(device, torch.float32)
         self._num_timesteps = len(sigma_schedule)

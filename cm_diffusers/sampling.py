@@ -18,6 +18,16 @@ from .parameterization import SIGMA_MIN, clamp_denoised, renoise, timesteps_to_s
 from .validation import InputError, validate_sigmas, validate_timesteps
 
 
+def named_schedule(num_inference_steps=None, timesteps=None, sigmas=None) -> dict:
+    """
+    The schedule a sampling request names, as keywords of [`consistency_schedule`]: explicit `timesteps` or `sigmas`
+    win over `num_inference_steps` (which pipelines and the API default to 1); both explicit ones are passed on, so
+    that a request naming two is refused naming the second. The one place this decision is made (pipeline, server).
+    """
+    explicit = {name: value for name, value in (("timesteps", timesteps), ("sigmas", sigmas)) if value is not None}
+    return explicit or {"num_inference_steps": num_inference_steps}
+
+
 def consistency_schedule(
     config: Mapping, num_inference_steps: int | None = None, timesteps=None, sigmas=None
 ) -> np.ndarray:

@@ -229,3 +229,19 @@ def test_editing_options_are_checked_like_keyword_arguments():
     out = pipe.inpaint(image, np.ones((16, 16), dtype=np.float32), timesteps=[30, 0], output_type="np",
                        generator=torch.Generator().manual_seed(0), return_dict=False)
     assert isinstance(out, tuple) and out[0].shape == (1, 16, 16, 1)
+
+
+def test_the_named_schedule_is_decided_once_for_the_pipeline_and_the_server():
+    from cm_diffusers.sampling import named_schedule
+    from cm_diffusers.serving.model import _schedule_field, _schedule_of
+
+    assert named_schedule(1, None, None) == {"num_inference_steps": 1}
+    assert named_schedule(1, [22, 0], None) == {"timesteps": [22, 0]}  # the default step count gives way
+    assert named_schedule(3, None, [80.0, 0.5]) == {"sigmas": [80.0, 0.5]}
+    assert named_schedule(1, [22, 0], [80.0]) == {"timesteps": [22, 0], "sigmas": [80.0]}  # refused downstream
+    request = {"num_inference_steps": 1, "timesteps": None, "sigmas": [80.0, 0.5]}
+    assert _schedule_of(request) == named_schedule(1, None, [80.0, 0.5]) and _schedule_field(request) == "sigmas"
+    pipe = make_pipe()
+    with pytest.raises(ValueError, match="exactly one") as info:
+        pipe(timesteps=[22, 0], sigmas=[80.0, 0.5], output_type="latent")
+    assert info.value.field == "sigmas"

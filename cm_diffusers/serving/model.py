@@ -496,16 +496,15 @@ def _field_of(error: Exception, spec) -> str:
 
 
 def _schedule_of(request: dict) -> dict:
-    """The schedule a generation request names: `timesteps` or `sigmas` when given, else `num_inference_steps`."""
-    if request.get("timesteps") is not None or request.get("sigmas") is not None:
-        return {"timesteps": request.get("timesteps"), "sigmas": request.get("sigmas")}
-    return {"num_inference_steps": request.get("num_inference_steps")}
+    """The schedule a generation request names (decided as the pipeline decides it, `sampling.named_schedule`)."""
+    from ..sampling import named_schedule
+
+    return named_schedule(request.get("num_inference_steps"), request.get("timesteps"), request.get("sigmas"))
 
 
 def _schedule_field(request: dict) -> str:
     """The field that names a generation request's schedule (errors about the schedule name it)."""
-    return "timesteps" if request.get("timesteps") is not None else "sigmas" if request.get("sigmas") is not None \
-        else "num_inference_steps"
+    return next(iter(_schedule_of(request)))
 
 
 def _encode_image(image, output_format: str) -> bytes:
