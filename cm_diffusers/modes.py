@@ -93,6 +93,14 @@ _SCM_DEFAULTS = dict(learning_rate=1e-4, loss_type="l2", dropout=0.0, p_mean=-1.
                      tangent_warmup_steps=1000, adaptive_weighting=True, time_input="auto")  # fmt: skip
 
 
+def _scm_mode(tag: str, description: str, help: str, teacher: str, estimator: str) -> Mode:
+    """sCT and sCD: one TrigFlow loss, times, weighting and warm-up; only the tangent (the estimator) differs."""
+    return Mode(tag=tag, description=description, help=help, teacher=teacher, defaults=dict(_SCM_DEFAULTS),
+                estimator=estimator, sampler="trigflow_lognormal", weighting="adaptive", weighting_text=_SCM_WEIGHTING,
+                levels=_tangent_warmup, target_ema=_never, card_settings=_scm_card_settings, sampling="trigflow",
+                loss="trigflow")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The table. Defaults are CIFAR-10 paper values (Song et al. 2023 for cd/ct, Song & Dhariwal 2023 for ict, Geng et
 # al. 2024 for ect); pseudo-Huber replaces LPIPS, whose backbone weights cannot be downloaded here (iCT shows
@@ -166,39 +174,21 @@ MODES = {
                                                b=args.ect_b, num_stages=args.ect_num_stages),  # fmt: skip
         sampling="sigmas",
     ),
-    "sct": Mode(
+    "sct": _scm_mode(
         tag="continuous-time-consistency-training",
         description="continuous-time consistency training (sCT, Lu & Song 2024) in TrigFlow",
         help="continuous-time CT (Lu & Song 2024): TrigFlow times, the JVP of the network along the data tangent "
         "cos(t) z - sin(t) x0, tangent normalisation and warm-up, learned adaptive weighting",
         teacher="optional",
-        defaults=dict(_SCM_DEFAULTS),
         estimator="data_tangent",
-        sampler="trigflow_lognormal",
-        weighting="adaptive",
-        weighting_text=_SCM_WEIGHTING,
-        levels=_tangent_warmup,
-        target_ema=_never,
-        card_settings=_scm_card_settings,
-        sampling="trigflow",
-        loss="trigflow",
     ),
-    "scd": Mode(
+    "scd": _scm_mode(
         tag="continuous-time-consistency-distillation",
         description="continuous-time consistency distillation (sCD, Lu & Song 2024) in TrigFlow",
         help="continuous-time CD (Lu & Song 2024): as sct, with the teacher's PF-ODE tangent sigma_d F_teacher "
         "(any EDM or DDPM teacher) in place of the data tangent",
         teacher="distill",
-        defaults=dict(_SCM_DEFAULTS),
         estimator="teacher_tangent",
-        sampler="trigflow_lognormal",
-        weighting="adaptive",
-        weighting_text=_SCM_WEIGHTING,
-        levels=_tangent_warmup,
-        target_ema=_never,
-        card_settings=_scm_card_settings,
-        sampling="trigflow",
-        loss="trigflow",
     ),
     "lcd": Mode(
         tag="latent-consistency-distillation",

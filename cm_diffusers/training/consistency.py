@@ -263,6 +263,17 @@ def sample_grids(pipeline, schedules: dict, num_images: int, seed: int) -> dict:
     return grids
 
 
+def write_validation_grids(accelerator, args, grids: dict, global_step: int):
+    """Writes {name: (grid, images)} as `samples/step_NNNNNNN_name.png` (and to TensorBoard when it reports)."""
+    folder = os.path.join(args.output_dir, "samples")
+    os.makedirs(folder, exist_ok=True)
+    for name, (grid, images) in grids.items():
+        save_image_atomic(grid, os.path.join(folder, f"step_{global_step:07d}_{name}.png"))
+        if args.report_to == "tensorboard":
+            tracker = accelerator.get_tracker("tensorboard", unwrap=True)
+            tracker.add_images(f"samples_{name}", images, global_step, dataformats="NHWC")
+
+
 def log_validation(accelerator, unet, ema, scheduler, schedules, args, global_step):
     """Samples 1- and 2-step grids with the evaluation weights; saves PNGs and logs them to TensorBoard."""
     if ema is not None:
@@ -271,14 +282,8 @@ def log_validation(accelerator, unet, ema, scheduler, schedules, args, global_st
     unet.eval()
     pipeline = ConsistencyPipeline(unet=unet, scheduler=scheduler)
     pipeline.set_progress_bar_config(disable=True)
-    grids = sample_grids(pipeline, schedules, args.num_validation_images, args.seed)
-    folder = os.path.join(args.output_dir, "samples")
-    os.makedirs(folder, exist_ok=True)
-    for name, (grid, images) in grids.items():
-        save_image_atomic(grid, os.path.join(folder, f"step_{global_step:07d}_{name}.png"))
-        if args.report_to == "tensorboard":
-            tracker = accelerator.get_tracker("tensorboard", unwrap=True)
-            tracker.add_images(f"samples_{name}", images, global_step, dataformats="NHWC")
+    write_validation_grids(accelerator, args, sample_grids(pipeline, schedules, args.num_validation_images, args.seed),
+                           global_step)
     unet.train()
     if ema is not None:
         ema.restore(unet.parameters())

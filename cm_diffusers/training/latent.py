@@ -22,7 +22,10 @@ from ..files import save_image_atomic
 from ..images import image_grid
 from ..losses import build_loss, make_distance
 from .checkpoints import save_pretrained_atomic
-from .consistency import build_curriculum  # noqa: F401 (the same N and mu as cd: a fixed grid, a target EMA rate)
+from .consistency import (
+    build_curriculum,  # noqa: F401 (the same N and mu as cd: a fixed grid, a target EMA rate)
+    write_validation_grids,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -250,13 +253,7 @@ def log_validation(accelerator, unet, ema, parts, schedules, args, global_step):
     evaluation = _evaluation_unet(unet, ema)
     grids = sample_grids(evaluation, parts, schedules, args.validation_prompts or [""],
                          args.validation_guidance_scale, args.num_validation_images, args.seed)  # fmt: skip
-    folder = os.path.join(args.output_dir, "samples")
-    os.makedirs(folder, exist_ok=True)
-    for name, (grid, images) in grids.items():
-        save_image_atomic(grid, os.path.join(folder, f"step_{global_step:07d}_{name}.png"))
-        if args.report_to == "tensorboard":
-            tracker = accelerator.get_tracker("tensorboard", unwrap=True)
-            tracker.add_images(f"samples_{name}", images, global_step, dataformats="NHWC")
+    write_validation_grids(accelerator, args, grids, global_step)
 
 
 def save_pipeline(args, unet, ema, parts, schedules, final_levels, global_step, accelerator, sigma_range):
