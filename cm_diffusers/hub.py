@@ -24,6 +24,7 @@ from .model_card import (  # noqa: F401  (the card API is also reachable as cm_d
     save_model_card,
     validate_model_card,
 )
+from .model_index import TRIGFLOW_PIPELINE_FILE, TRIGFLOW_PIPELINE_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,12 @@ _PUSH_COMPONENT_FILES = (
 )  # fmt: skip
 # Absolute or home-relative paths of this machine inside a text file (URLs and relative paths do not match).
 _LOCAL_PATH = re.compile(r"(?<![\w:/.\-])(?:~|/[\w.@+-]+)(?:/[\w.@+-]+)+|(?<![\w])[A-Za-z]:\\[^\s'\"`|)]+")
-_PIPELINE_CLASSES = ("ConsistencyModelPipeline", "ConsistencyPipeline")
+_PIPELINE_CLASSES = (
+    "ConsistencyModelPipeline",
+    "ConsistencyPipeline",
+    [TRIGFLOW_PIPELINE_FILE[: -len(".py")], TRIGFLOW_PIPELINE_NAME],
+)
+_LIBRARIES = ("diffusers", "transformers", "cm_diffusers")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -79,6 +85,7 @@ def files_to_push(folder) -> tuple[list, list]:
     folder = Path(folder)
     index = read_json(folder / "model_index.json") or {}
     components = {name for name, value in index.items() if not name.startswith("_") and isinstance(value, list)}
+    code = _pipeline_code_files(index)
     upload, skip = [], []
     inside = folder.resolve()
     for path in sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink()):
@@ -86,6 +93,8 @@ def files_to_push(folder) -> tuple[list, list]:
         parts = relative.split("/")
         if any(part.startswith(".") for part in parts) or not path.resolve().is_relative_to(inside):
             keep = False  # hidden files (.secrets.json, .git/) and links out of the folder are never published
+        elif relative in code:
+            keep = True
         elif len(parts) == 1:
             keep = any(fnmatch.fnmatch(relative, pattern) for pattern in _PUSH_TOP_LEVEL)
         elif len(parts) == 2 and parts[0] in components:
@@ -94,6 +103,20 @@ def files_to_push(folder) -> tuple[list, list]:
             keep = False  # checkpoint-*/, logs/, runs/, samples/ and anything else nested
         (upload if keep and path.is_file() else skip).append(relative)
     return upload, skip
+
+
+def _pipeline_code_files(index: dict) -> set:
+    """The code files model_index.json names (e.g. a TrigFlow folder's `pipeline_trigflow.py`, at the top and in
+    scheduler/): without them plain diffusers (`trust_remote_code=True`) could not load what was pushed. A class
+    given as [module, name] lives in `<module>.py` of the folder (`_class_name`) or of the component's folder;
+    library classes (["diffusers", ...]) have no file and match nothing."""
+    files = set()
+    for name, value in index.items():
+        library = value[0] if isinstance(value, list) and value else None
+        if (name == "_class_name" or not name.startswith("_")) and library and library not in _LIBRARIES:
+            module_file = f"{library}.py"
+            files.add(module_file if name == "_class_name" else f"{name}/{module_file}")
+    return files
 
 
 def find_local_paths(folder, files=None) -> dict:

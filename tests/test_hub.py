@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from diffusers import ConsistencyModelPipeline, DDPMPipeline, DDPMScheduler, DiffusionPipeline
@@ -261,6 +262,45 @@ def test_what_we_push_loads_by_repo_id_with_both_pipelines(tmp_path, monkeypatch
     torch.testing.assert_close(images, expected, rtol=0, atol=0)
     theirs = plain(**call, generator=torch.manual_seed(1)).images
     torch.testing.assert_close(theirs, expected, rtol=0, atol=1e-5)
+
+
+def test_a_pushed_trigflow_model_carries_its_pipeline_code_and_loads_by_repo_id(tmp_path, monkeypatch):
+    """A TrigFlow (sCT/sCD) folder is only usable by plain diffusers with its pipeline file: push uploads exactly
+    the files model_index.json names, and the repo id loads in both pipelines with the same images."""
+    from cm_diffusers.trigflow_pipeline import TrigFlowSCMScheduler
+
+    folder = tmp_path / "run"
+    source = ConsistencyPipeline(unet=make_tiny_unet(seed=6), scheduler=TrigFlowSCMScheduler(sigma_max=80.0))
+    source.set_progress_bar_config(disable=True)
+    source.save_pretrained(folder)
+    Image.new("L", (32, 32), 128).save(folder / "samples.png")
+    save_model_card(folder, **FULL_INFO)
+    (folder / "helper.py").write_text("print('a local script, not named by model_index.json')\n")
+    uploaded, skipped = files_to_push(folder)
+    assert {"pipeline_trigflow.py", "scheduler/pipeline_trigflow.py"} <= set(uploaded) and skipped == ["helper.py"]
+    with FakeHub() as hub:
+        hub.configure(monkeypatch)
+        push_to_hub(folder, "someone/scd")
+        pushed = hub.files("someone/scd")
+        head = hub.repos["someone/scd"]["branches"]["main"]["head"]
+    assert sorted(pushed) == uploaded
+    downloaded = tmp_path / "downloaded"
+    for name, data in pushed.items():
+        (downloaded / name).parent.mkdir(parents=True, exist_ok=True)
+        (downloaded / name).write_bytes(data)
+    cache = tmp_path / "cache"
+    make_hub_cache(downloaded, "someone/scd", cache, commit=head)
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    ours = ConsistencyPipeline.from_pretrained("someone/scd", cache_dir=str(cache))
+    plain = DiffusionPipeline.from_pretrained("someone/scd", cache_dir=str(cache), trust_remote_code=True)
+    assert type(plain).__name__ == "TrigFlowPipeline"
+    plain.set_progress_bar_config(disable=True)
+    for steps in (1, 2):
+        call = dict(batch_size=2, num_inference_steps=steps, output_type="np")
+        expected = source(**call, generator=torch.manual_seed(3)).images
+        np.testing.assert_array_equal(ours(**call, generator=torch.manual_seed(3)).images, expected)
+        np.testing.assert_allclose(plain(**call, generator=torch.manual_seed(3)).images, expected, rtol=0, atol=1e-5)
 
 
 def test_repo_id_of_a_diffusion_model_says_what_it_is(tmp_path, monkeypatch):

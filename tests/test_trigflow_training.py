@@ -304,14 +304,16 @@ def test_trigflow_flags_are_checked(tmp_path, edm_teacher):
     assert args.adaptive_weighting is False and args.prior_weighting and (args.p_mean, args.p_std) == (-1.0, 1.4)
 
 
-def test_scd_resume_equals_uninterrupted_run(data_dir, edm_teacher, tmp_path):
+@pytest.mark.parametrize("mode", ["sct", "scd"])
+def test_resume_equals_uninterrupted_run(mode, data_dir, unet_config, edm_teacher, tmp_path):
     """6 steps straight == 3 + resume + 3: student, learned weighting, optimizer, warm-up, noise, dropout."""
+    # sCD starts from its teacher, sCT from a fresh UNet of the config (its tangent needs no teacher)
+    student = ["--teacher_model_name_or_path", edm_teacher] if mode == "scd" else ["--unet_config", unet_config]
 
     def flags(out):
-        return common_flags(data_dir, out, 6) + [
-            "--mode", "scd", "--teacher_model_name_or_path", edm_teacher, "--dropout", 0.2, "--ema_decay", 0.9,
-            "--train_batch_size", 4, "--checkpointing_steps", 3, "--learning_rate", 1e-3, "--lr_warmup_steps", 2,
-            "--tangent_warmup_steps", 5,
+        return common_flags(data_dir, out, 6) + student + [
+            "--mode", mode, "--dropout", 0.2, "--ema_decay", 0.9, "--train_batch_size", 4,
+            "--checkpointing_steps", 3, "--learning_rate", 1e-3, "--lr_warmup_steps", 2, "--tangent_warmup_steps", 5,
         ]  # fmt: skip
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
