@@ -68,8 +68,8 @@ def lcd_flags(teacher_dir, data_dir, output_dir, student, steps=4):
             "--validation_prompts", *CAPTIONS[:2]]  # fmt: skip
 
 
-def steps_of(output_dir):
-    with open(Path(output_dir) / "logs" / "train_log.jsonl") as f:
+def steps_of(output_dir, log="train_log.jsonl"):
+    with open(Path(output_dir) / "logs" / log) as f:
         return [entry for entry in map(json.loads, f) if "step" in entry]
 
 
@@ -212,3 +212,30 @@ def test_cached_latents_draw_what_encoding_draws_without_the_encoder(teacher_dir
             values.append(loss(student, student, pixels, None, captions=CAPTIONS)[0].item())
     assert len(calls) == 1 + 4  # encoded: one batch; cached: each image once, then never again
     assert values[1] == values[2] and values[0] == pytest.approx(values[1], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_keep_the_lora_adapters_in_sync(teacher_dir, captioned_images, tmp_path):
+    """Two gloo ranks of LCM-LoRA: only the adapters train, their gradients are averaged, and both ranks hold
+    identical weights after every step while each sees its own data shard."""
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(port), str(REPO / "training" / "train_consistency.py")]  # fmt: skip
+    flags = lcd_flags(teacher_dir, captioned_images, out, "lora", steps=3) + ["--log_every_rank"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command + [str(flag) for flag in flags], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = [steps_of(out, f"train_log_rank{rank}.jsonl") for rank in (0, 1)]
+    assert [e["weights_sha256"] for e in logs[0]] == [e["weights_sha256"] for e in logs[1]]
+    assert len({e["weights_sha256"] for e in logs[0]}) == 3  # the adapters change every step
+    assert any(a["local_loss"] != b["local_loss"] for a, b in zip(*logs))  # different data shards
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
