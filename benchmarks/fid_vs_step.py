@@ -37,6 +37,7 @@ from diffusers import UNet2DModel  # noqa: E402
 
 from cm_diffusers import ConsistencyPipeline, ConsistencyScheduler  # noqa: E402
 from cm_diffusers.shipped_models import resolve_pretrained  # noqa: E402
+from cm_diffusers.trigflow_pipeline import TrigFlowSCMScheduler  # noqa: E402
 
 
 def ema_weights(checkpoint: str):
@@ -57,6 +58,16 @@ def student_config(run_dir: str, init_from):
     return dict(UNet2DModel.load_config(os.path.join(resolve_pretrained(init_from), "unet")))
 
 
+def run_scheduler_config(run_dir: str) -> dict:
+    """The scheduler config of the run's saved pipeline (a TrigFlow one for sCT / sCD runs, which therefore must
+    have finished), else the consistency default of the discrete modes."""
+    path = os.path.join(run_dir, "scheduler", "scheduler_config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return dict(ConsistencyScheduler().config, _class_name="ConsistencyScheduler")
+
+
 def export(unet_config: dict, weights, folder: str, scheduler_config: dict):
     """A ConsistencyPipeline folder with `weights` (a list in parameter order, or a state dict)."""
     unet = UNet2DModel.from_config(unet_config)
@@ -69,7 +80,10 @@ def export(unet_config: dict, weights, folder: str, scheduler_config: dict):
         with torch.no_grad():
             for param, value in zip(params, weights):
                 param.copy_(value)
-    scheduler = ConsistencyScheduler.from_config(scheduler_config)
+    if scheduler_config.get("_class_name") == TrigFlowSCMScheduler.__name__:
+        scheduler = TrigFlowSCMScheduler.from_config(scheduler_config)
+    else:
+        scheduler = ConsistencyScheduler.from_config(scheduler_config)
     ConsistencyPipeline(unet=unet.eval(), scheduler=scheduler).save_pretrained(folder)
 
 
@@ -141,10 +155,12 @@ def main(argv=None):
         "weights": "the EMA (evaluation) weights of each checkpoint; step 0 = the teacher's weights",
         "two_step_sigmas": args.two_step_sigmas,
     }
-    scheduler_config = dict(ConsistencyScheduler().config)
     for spec in args.run:
         label, _, run_dir = spec.partition("=")
         run = report["runs"].setdefault(label, {"output_dir": run_dir, "points": {}})
+        scheduler_config = run_scheduler_config(run_dir)
+        # the network's view of time: the same teacher weights are another step 0 under another time input
+        run["time_input"] = scheduler_config.get("time_input")
         if label in images_per_step:
             run["images_per_step"] = images_per_step[label]
         checkpoints = {int(m.group(1)): path for path in glob.glob(os.path.join(run_dir, "checkpoint-*"))
@@ -154,7 +170,8 @@ def main(argv=None):
         for step in sorted(checkpoints):
             if str(step) in run["points"] or (wanted is not None and step not in wanted):
                 continue
-            shared = [r["points"]["0"] for r in report["runs"].values() if "0" in r["points"]]
+            shared = [r["points"]["0"] for r in report["runs"].values()
+                      if "0" in r["points"] and r.get("time_input") == run["time_input"]]  # fmt: skip
             if step == 0 and shared:  # every run starts from the same teacher weights: measured once
                 run["points"]["0"] = shared[0]
                 continue

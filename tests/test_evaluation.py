@@ -448,6 +448,30 @@ def test_fid_vs_step_merges_runs_measured_apart_and_plots_them_by_images_seen(tm
         fid_vs_step.main(["--merge", *paths, "--output", str(tmp_path / "mixed.json")])
 
 
+def test_fid_vs_step_exports_checkpoints_of_a_trigflow_run_with_its_own_scheduler(tmp_path):
+    """An sCT / sCD run's checkpoints are TrigFlow networks: exported with the run's saved scheduler (its time
+    input), never with the discrete consistency default, which would sample them as another parameterisation."""
+    import sys
+
+    from helpers import make_tiny_unet
+
+    from cm_diffusers import ConsistencyPipeline
+    from cm_diffusers.trigflow_pipeline import TrigFlowSCMScheduler
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from benchmarks import fid_vs_step
+
+    unet = make_tiny_unet(seed=2)
+    run = tmp_path / "scd"
+    ConsistencyPipeline(unet=unet, scheduler=TrigFlowSCMScheduler(time_input="log_sigma")).save_pretrained(run)
+    config = fid_vs_step.run_scheduler_config(str(run))
+    fid_vs_step.export(dict(unet.config), unet.state_dict(), str(tmp_path / "step-0"), config)
+    exported = ConsistencyPipeline.from_pretrained(tmp_path / "step-0")
+    assert exported.is_trigflow and exported.scheduler.config.time_input == "log_sigma"
+    discrete = fid_vs_step.run_scheduler_config(str(tmp_path / "unfinished"))
+    assert discrete["_class_name"] == "ConsistencyScheduler"
+
+
 def test_benchmark_matches_the_teacher_against_the_benchmarked_model_of_a_merged_report():
     """A merged report (several consistency models, several 2-step schedules): the benchmarked model's own best row
     sets the FID to match; a model the report does not hold is refused instead of matched against another's FID."""
