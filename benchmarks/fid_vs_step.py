@@ -15,6 +15,10 @@ joins them afterwards:
 
     python benchmarks/fid_vs_step.py --merge eval/fvs_cd.json eval/fvs_ect.json --output all.json
 
+Modes whose steps cost differently (an sCD step is about two CD steps) compare at equal CPU time: give every run its
+step time (`--seconds_per_step LABEL=S`, from benchmarks/train_throughput.py on a quiet machine) and the plot gets a
+second panel against CPU minutes; `--only LABEL ...` keeps some runs of the merged files.
+
 A run started from another run's final weights (`--student_model_name_or_path`) is measured like any other (no
 --init_from) and joined with `--continues LABEL=PARENT`: its step 0 is the parent's last point, and the plot draws
 it on from there.
@@ -122,6 +126,21 @@ def main(argv=None):
         "has one, the plot's x-axis is images seen, which compares runs of different batches.",
     )
     parser.add_argument(
+        "--seconds_per_step",
+        action="append",
+        default=[],
+        metavar="LABEL=S",
+        help="CPU seconds of one optimizer step of a run (benchmarks/train_throughput.py on a quiet machine); "
+        "the runs that have one are also drawn against CPU time, which compares modes of different step costs.",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="LABEL",
+        help="With --merge: keep only these runs (and the runs they continue).",
+    )
+    parser.add_argument(
         "--continues",
         action="append",
         default=[],
@@ -139,9 +158,10 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     images_per_step = {label: int(n) for label, _, n in (s.partition("=") for s in args.images_per_step)}
+    seconds_per_step = {label: float(n) for label, _, n in (s.partition("=") for s in args.seconds_per_step)}
     continues = dict(spec.partition("=")[::2] for spec in args.continues)
     if args.merge:
-        return merge(args.merge, args.output, images_per_step, continues)
+        return merge(args.merge, args.output, images_per_step, continues, seconds_per_step, args.only)
     if not args.run:
         parser.error("give at least one --run (or --merge).")
     wanted = None if args.steps is None else {int(s) for s in args.steps.split(",")}
@@ -163,6 +183,8 @@ def main(argv=None):
         run["time_input"] = scheduler_config.get("time_input")
         if label in images_per_step:
             run["images_per_step"] = images_per_step[label]
+        if label in seconds_per_step:
+            run["seconds_per_step"] = seconds_per_step[label]
         checkpoints = {int(m.group(1)): path for path in glob.glob(os.path.join(run_dir, "checkpoint-*"))
                        if (m := re.fullmatch(r"checkpoint-(\d+)", os.path.basename(path)))}  # fmt: skip
         if args.init_from:
@@ -194,9 +216,10 @@ def main(argv=None):
     plot(report, os.path.splitext(args.output)[0] + ".png")
 
 
-def merge(paths: list, output: str, images_per_step: dict, continues: dict = None):
-    """One report from several: the runs of all, under the protocol of the first (they must share it); a run that
-    `continues` another starts at that one's last point."""
+def merge(paths: list, output: str, images_per_step: dict, continues: dict = None, seconds_per_step: dict = None,
+          only: list = None):  # fmt: skip
+    """One report from several: the runs of all (or those `only` names), under the protocol of the first (they must
+    share it); a run that `continues` another starts at that one's last point."""
     reports = []
     for path in paths:
         with open(path) as f:
@@ -211,6 +234,14 @@ def merge(paths: list, output: str, images_per_step: dict, continues: dict = Non
             merged["runs"][label] = run
             if label in images_per_step:
                 run["images_per_step"] = images_per_step[label]
+            if label in (seconds_per_step or {}):
+                run["seconds_per_step"] = seconds_per_step[label]
+    if only is not None:
+        missing = sorted(set(only) - set(merged["runs"]))
+        if missing:
+            raise SystemExit(f"--only {missing}: no such run among {sorted(merged['runs'])}.")
+        keep = set(only) | {(continues or {}).get(label) or merged["runs"][label].get("continues") for label in only}
+        merged["runs"] = {label: run for label, run in merged["runs"].items() if label in keep}
     for label, parent in (continues or {}).items():
         if label not in merged["runs"] or parent not in merged["runs"]:
             raise SystemExit(f"--continues {label}={parent}: both runs must be among the merged ones.")
@@ -221,6 +252,12 @@ def merge(paths: list, output: str, images_per_step: dict, continues: dict = Non
         json.dump(merged, f, indent=2)
     plot(merged, os.path.splitext(output)[0] + ".png")
     print(f"Wrote {output} and its plot ({', '.join(merged['runs'])})")
+
+
+def chain(run: dict, runs: dict) -> list:
+    """The run and the runs it continues, oldest last."""
+    parent = runs.get(run.get("continues"))
+    return [run] + (chain(parent, runs) if parent else [])
 
 
 def plot(report: dict, path: str):
@@ -238,25 +275,39 @@ def plot(report: dict, path: str):
         parent = report["runs"].get(run.get("continues"))
         return start(parent) + max(int(s) for s in parent["points"]) * scale(parent) if parent else 0
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for label, run in report["runs"].items():
-        steps = sorted(run["points"], key=int)
-        for key, style in (("1step", "-o"), ("2step", "--s")):
-            xs = [int(s) for s in steps if key in run["points"][s]]
-            if xs:
-                name = f"{label} (batch {run['images_per_step']})" if by_images else label
-                ax.plot(
-                    [start(run) + x * scale(run) for x in xs],
-                    [run["points"][str(s)][key] for s in xs],
-                    style,
-                    label=f"{name}, {key[0]} step(s)",
-                )
-    ax.set_xlabel("training images seen (thousands)" if by_images else "training step")
-    ax.set_ylabel("FID (" + report["protocol"]["metric"].split(",")[1].strip() + ")")
-    ax.set_yscale("log")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("FID against training step")
+    def minutes(run):  # one step's CPU time, in minutes
+        return run["seconds_per_step"] / 60
+
+    def cpu_start(run):
+        parent = report["runs"].get(run.get("continues"))
+        return cpu_start(parent) + max(int(s) for s in parent["points"]) * minutes(parent) if parent else 0
+
+    timed = {label: run for label, run in report["runs"].items()
+             if all("seconds_per_step" in r for r in chain(run, report["runs"]))}  # fmt: skip
+    panels = [("images" if by_images else "steps", report["runs"], start, scale)]
+    if timed:
+        panels.append(("cpu", timed, cpu_start, minutes))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.2), squeeze=False)
+    for ax, (axis, runs, origin, unit) in zip(axes[0], panels):
+        for label, run in runs.items():
+            steps = sorted(run["points"], key=int)
+            for key, style in (("1step", "-o"), ("2step", "--s")):
+                xs = [int(s) for s in steps if key in run["points"][s]]
+                if xs:
+                    name = f"{label} (batch {run['images_per_step']})" if "images_per_step" in run else label
+                    ax.plot(
+                        [origin(run) + x * unit(run) for x in xs],
+                        [run["points"][str(s)][key] for s in xs],
+                        style,
+                        label=f"{name}, {key[0]} step(s)",
+                    )
+        ax.set_xlabel({"images": "training images seen (thousands)", "steps": "training step",
+                       "cpu": "CPU time (minutes of one core, from the measured step time)"}[axis])  # fmt: skip
+        ax.set_ylabel("FID (" + report["protocol"]["metric"].split(",")[1].strip() + ")")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title("FID against " + {"images": "images seen", "steps": "training step", "cpu": "CPU time"}[axis])
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

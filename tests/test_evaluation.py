@@ -435,7 +435,17 @@ def test_fid_vs_step_merges_runs_measured_apart_and_plots_them_by_images_seen(tm
     assert (merged["runs"]["cd"]["images_per_step"], merged["runs"]["ect"]["images_per_step"]) == (64, 32)
     more = merged["runs"]["cd-more"]  # starts where cd ended
     assert more["continues"] == "cd" and more["points"] == {"200": {"1step": 140.0}, "0": {"1step": 150.0}}
-    assert Image.open(tmp_path / "all.png").size[0] > 0
+    one_panel = Image.open(tmp_path / "all.png").size
+    # --only keeps a run and the run it continues; step times add a second panel against CPU time
+    timed = tmp_path / "timed.json"
+    fid_vs_step.main(["--merge", *paths, "--output", str(timed), "--only", "cd-more", "--continues", "cd-more=cd",
+                      "--seconds_per_step", "cd=2.0", "--seconds_per_step", "cd-more=2.5"])  # fmt: skip
+    report = json.loads(timed.read_text())
+    assert list(report["runs"]) == ["cd", "cd-more"] and report["runs"]["cd-more"]["seconds_per_step"] == 2.5
+    two_panels = Image.open(tmp_path / "timed.png").size
+    assert two_panels[0] > 1.8 * one_panel[0] and two_panels[1] == one_panel[1]
+    with pytest.raises(SystemExit, match="no such run"):
+        fid_vs_step.main(["--merge", *paths, "--output", str(tmp_path / "y.json"), "--only", "scd"])
     with pytest.raises(SystemExit, match="both runs"):
         fid_vs_step.main(["--merge", *paths, "--output", str(tmp_path / "x.json"), "--continues", "cd-more=nope"])
 
