@@ -72,6 +72,18 @@ def run_scheduler_config(run_dir: str) -> dict:
     return dict(ConsistencyScheduler().config, _class_name="ConsistencyScheduler")
 
 
+def initial_weights(init_from: str, scheduler_config: dict) -> dict:
+    """The student's weights at step 0: the teacher's, in TrigFlow form for an sCT / sCD run (F = -F_edm: the
+    negated last convolution, as the training starts)."""
+    from cm_diffusers.teachers import load_teacher
+    from cm_diffusers.training.consistency import trigflow_from_teacher
+
+    unet = UNet2DModel.from_pretrained(resolve_pretrained(init_from), subfolder="unet")
+    if scheduler_config.get("_class_name") == TrigFlowSCMScheduler.__name__:
+        trigflow_from_teacher(unet, load_teacher(init_from), scheduler_config["time_input"])
+    return unet.state_dict()
+
+
 def export(unet_config: dict, weights, folder: str, scheduler_config: dict):
     """A ConsistencyPipeline folder with `weights` (a list in parameter order, or a state dict)."""
     unet = UNet2DModel.from_config(unet_config)
@@ -201,8 +213,7 @@ def main(argv=None):
             if not os.path.isfile(os.path.join(folder, "model_index.json")):
                 config = student_config(run_dir, args.init_from)
                 if step == 0:
-                    weights = UNet2DModel.from_pretrained(resolve_pretrained(args.init_from), subfolder="unet")
-                    weights = weights.state_dict()
+                    weights = initial_weights(args.init_from, scheduler_config)
                 else:
                     weights = ema_weights(checkpoints[step])
                 export(config, weights, folder, scheduler_config)

@@ -481,6 +481,21 @@ def test_fid_vs_step_exports_checkpoints_of_a_trigflow_run_with_its_own_schedule
     discrete = fid_vs_step.run_scheduler_config(str(tmp_path / "unfinished"))
     assert discrete["_class_name"] == "ConsistencyScheduler"
 
+    # step 0 is the student as the training starts: the shipped EDM teacher in TrigFlow form (F = -F_edm) samples
+    # as the teacher does as a discrete consistency model at step 0 of a CD run
+    teacher = "fashion-mnist-edm"
+    config = fid_vs_step.student_config(str(tmp_path / "unfinished"), teacher)
+    trigflow = fid_vs_step.run_scheduler_config(str(run))
+    assert trigflow["time_input"] == "log_sigma"  # the shipped teacher's own: an exact start
+    for name, scheduler in (("trigflow", trigflow), ("discrete", discrete)):
+        fid_vs_step.export(config, fid_vs_step.initial_weights(teacher, scheduler), str(tmp_path / name), scheduler)
+    images = []
+    for name in ("trigflow", "discrete"):
+        pipe = ConsistencyPipeline.from_pretrained(tmp_path / name)
+        pipe.set_progress_bar_config(disable=True)
+        images.append(pipe(batch_size=4, generator=torch.manual_seed(0), output_type="np").images)
+    np.testing.assert_allclose(images[0], images[1], rtol=0, atol=1e-4)
+
 
 def test_benchmark_matches_the_teacher_against_the_benchmarked_model_of_a_merged_report():
     """A merged report (several consistency models, several 2-step schedules): the benchmarked model's own best row
