@@ -124,7 +124,8 @@ def main():
     extractor = reference = None
     if not args.skip_fid:
         extractor = InceptionFeatureExtractor()
-        reference = reference_statistics(args.reference, extractor, args.reference_num_samples,
+        # at Fashion-MNIST's 28x28, as the generated images are measured (and as `cm-diffusers evaluate` caches it)
+        reference = reference_statistics(args.reference, extractor, args.reference_num_samples, resolution=28,
                                          cache_dir=args.cache_dir)  # fmt: skip
 
     configurations = [("teacher", args.teacher, None, steps, args.teacher_guidance_scale) for steps in
