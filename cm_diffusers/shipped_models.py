@@ -11,19 +11,29 @@ SHIPPED_MODELS = {
     "fashion-mnist-ddpm": "The earlier DDPM (epsilon) teacher, in diffusers DDPMPipeline format.",
     "fashion-mnist-edm": "The EDM teacher with the consistency time input (t = 250 ln sigma); diffusers needs "
     "trust_remote_code=True.",
+    "fashion-mnist-ldm": "A small text-to-image latent diffusion model (StableDiffusionPipeline: VAE, CLIP text "
+    "encoder, UNet2DConditionModel) prompted by class names ('a sneaker'); the LCD teacher.",
+    "fashion-mnist-lcm-lora": "LCM-LoRA of fashion-mnist-ldm (adapters only): 1-4 steps with LCMScheduler, loaded "
+    "onto the teacher with load_lora_weights (generate --model fashion-mnist-ldm --lora fashion-mnist-lcm-lora).",
 }
+# What marks a shipped folder as present: a pipeline's model_index.json, or an adapter folder's LoRA weights
+_MARKERS = ("model_index.json", "pytorch_lora_weights.safetensors")
+
+
+def _present(name: str) -> bool:
+    return any(os.path.isfile(os.path.join(PRETRAINED_DIR, name, marker)) for marker in _MARKERS)
 
 
 def available_models() -> list:
     """Short names of the shipped models present in this installation."""
-    return [name for name in SHIPPED_MODELS if os.path.isfile(os.path.join(PRETRAINED_DIR, name, "model_index.json"))]
+    return [name for name in SHIPPED_MODELS if _present(name)]
 
 
 def resolve_pretrained(name_or_path):
     """A shipped model's short name -> its folder; anything else (a path, a Hub repo id) is returned unchanged."""
     if isinstance(name_or_path, (str, os.PathLike)) and str(name_or_path) in SHIPPED_MODELS:
         folder = os.path.join(PRETRAINED_DIR, str(name_or_path))
-        if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        if not _present(str(name_or_path)):
             raise FileNotFoundError(
                 f"The shipped model {name_or_path!r} is not in this installation ({folder}); available: "
                 f"{available_models() or 'none'}. Pass a pipeline folder or a Hub repo id instead."

@@ -14,6 +14,9 @@ def load_text_to_image(model: str, lora: Optional[str] = None, dtype=torch.float
     """The diffusers pipeline of `model`; with `lora`, its scheduler becomes LCMScheduler and the adapters load."""
     from diffusers import DiffusionPipeline, LCMScheduler
 
+    from ..shipped_models import resolve_pretrained
+
+    model, lora = resolve_pretrained(model), (None if lora is None else resolve_pretrained(lora))  # shipped names
     pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
     if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "tokenizer", None) is None:
         raise ValueError(f"--prompt needs a text-to-image model (a text encoder and tokenizer); {model} has none.")
