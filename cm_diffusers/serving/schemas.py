@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from fastapi import UploadFile
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, create_model, field_validator, model_validator
 
 from ..edit_tasks import EDIT_TASKS as ALL_EDIT_TASKS
 from ..latent.text_to_image import MAX_PROMPT_CHARACTERS, check_prompts
@@ -183,6 +183,15 @@ PROMPT_DOC = (f"One prompt for every image, or one per image; each 1 to {MAX_PRO
               "spaces.")
 
 
+def prompts_type(max_items: int | None = None):
+    """A prompt, or a list of 1 to `max_items` prompts; an error names the form that was sent (`prompt.list.1`)."""
+    def form(value) -> str:
+        return "list" if isinstance(value, list) else "string"
+
+    listed = Annotated[list[Prompt], Field(min_length=1, max_length=max_items), Tag("list")]
+    return Annotated[Annotated[Prompt, Tag("string")] | listed, Discriminator(form)]
+
+
 class TextToImageRequest(BaseModel):
     """`POST /v1/generate` on a latent text-to-image model: `num_inference_steps` LCMScheduler steps from a prompt
     (`cm_diffusers.latent.text_to_image.generate`, as `cm-diffusers generate --prompt` runs it)."""
@@ -190,7 +199,7 @@ class TextToImageRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     num_images: int = Field(1, ge=1, description="Number of images; at most the server's `max_images`.")
-    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1)] = Field(description=PROMPT_DOC)
+    prompt: prompts_type() = Field(description=PROMPT_DOC)
     num_inference_steps: int = Field(4, ge=1, description="LCMScheduler steps (1-8 is what LCMs are made for).")
     guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False,
                                          description="diffusers' guidance scale (default: 8.5 for an LCM, 1 for an "
@@ -290,8 +299,7 @@ def api_models(limits: Limits, text_to_image: bool = False) -> ApiModels:
         return ApiModels(generate=create_model(
             "TextToImageRequest", __base__=TextToImageRequest,
             num_images=(int, Field(1, ge=1, le=limits.max_images, description="Number of images.")),
-            prompt=(Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=limits.max_images)],
-                    Field(description=PROMPT_DOC)),
+            prompt=(prompts_type(limits.max_images), Field(description=PROMPT_DOC)),
             num_inference_steps=(int, Field(4, ge=1, le=limits.max_steps, description="LCMScheduler steps.")),
         ), teacher=None, edit_forms={})
 
