@@ -174,6 +174,37 @@ def test_client_generate_takes_a_prompt(lcm_server, folders):
     assert error.value.status == 422 and error.value.field == "prompt"
 
 
+def test_a_cancelled_prompt_request_runs_no_further_network_evaluation(folders):
+    """The deployment class in this process: a request cancelled mid-way (its time limit) stops before its next
+    network evaluation, and one cancelled while waiting for the model thread never starts."""
+    import asyncio
+
+    from cm_diffusers.serving.schemas import Limits, ServerSettings
+    from cm_diffusers.serving.text_to_image import TextToImageModel
+
+    settings = ServerSettings(model=folders["lcm"], text_to_image=True, max_batch_size=64,
+                              limits=Limits(max_images=64, max_steps=40))
+    model = TextToImageModel(settings.model_dump())
+    heavy = {"prompt": "a", "num_images": 64, "num_inference_steps": 40, "seed": 0}  # 40 passes of 64 rows
+
+    async def cancel_both():
+        running = asyncio.ensure_future(model.generate(heavy))
+        waiting = asyncio.ensure_future(model.generate({**heavy, "num_inference_steps": 1}))
+        while not model.stats()["forward_passes"]:
+            await asyncio.sleep(0.01)
+        running.cancel()
+        waiting.cancel()
+        await asyncio.gather(running, waiting, return_exceptions=True)
+        await asyncio.sleep(0.5)  # the model thread ends the heavy request at its next evaluation
+
+    asyncio.run(cancel_both())
+    stats = model.stats()
+    assert stats["cancelled_requests"] == 2 and stats["forward_passes"] < 40
+    assert stats["network_evaluations"] == 64 * stats["forward_passes"]  # the waiting request never started
+    after = asyncio.run(model.generate({"prompt": "a", "num_images": 1, "num_inference_steps": 2, "seed": 1}))
+    assert after["nfe"] == 2 and model.stats()["forward_passes"] == stats["forward_passes"] + 2
+
+
 def test_serve_refuses_what_does_not_fit_a_text_to_image_model(folders, capsys):
     """LCM-LoRA weights on a pixel model, a teacher route for a text-to-image model, a teacher folder without its
     LCM-LoRA (no LCMScheduler): `serve` stops with a message that says what to pass."""
