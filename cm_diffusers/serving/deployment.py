@@ -12,8 +12,8 @@ from ray.serve.exceptions import RayServeException
 
 from .app import BackendUnavailable, create_app
 from .middleware import REQUEST_ID_PATTERN, ServerState
-from .model import model_class
 from .schemas import Limits, ServerSettings, hash_key, load_api_keys
+from .text_to_image import model_class
 
 APP_NAME = "cm-diffusers"
 MODEL_DEPLOYMENT = "ConsistencyModel"

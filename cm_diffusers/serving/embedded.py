@@ -14,8 +14,8 @@ import uvicorn
 
 from .app import create_app
 from .middleware import ServerState
-from .model import model_class
 from .schemas import ServerSettings
+from .text_to_image import model_class
 
 
 class LocalBackend:

@@ -198,16 +198,6 @@ class _Batcher:
         return batch
 
 
-def model_class(settings: ServerSettings) -> type:
-    """The deployment class of the served model: `TextToImageModel` for a text-to-image model (`text_to_image.py`),
-    else `ConsistencyModel`."""
-    if settings.text_to_image:
-        from .text_to_image import TextToImageModel
-
-        return TextToImageModel
-    return ConsistencyModel
-
-
 class ConsistencyModel:
     """One replica: the pipeline, one model thread, the batcher of forward passes, and the request methods."""
 

@@ -15,10 +15,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .model import DTYPES, Cancelled, _encode_image, _Request, request_error
+from .model import DTYPES, Cancelled, ConsistencyModel, _encode_image, _Request, request_error
 from .schemas import ServerSettings
 
 DEFAULT_STEPS = 4  # what `generate --prompt` and TextToImageRequest default to
+
+
+def model_class(settings: ServerSettings) -> type:
+    """The deployment class of the served model: `TextToImageModel` for a text-to-image model, else
+    `ConsistencyModel`."""
+    return TextToImageModel if settings.text_to_image else ConsistencyModel
 
 
 class TextToImageModel:
