@@ -210,6 +210,9 @@ def test_bad_inputs_get_422_naming_the_field(server):
     _assert_error(_post(server, {"output_format": "bmp"}), 422, "output_format")
     _assert_error(_post(server, {"num_imagez": 2}), 422, "num_imagez")
     _assert_error(_post(server, {"num_inference_steps": 10**4}), 422, "num_inference_steps")
+    prompt = _post(server, {"prompt": "a shirt"})  # a pixel model: never silently ignored
+    _assert_error(prompt, 422, "prompt")
+    assert "without a prompt" in prompt.json()["error"]["message"]
     too_big = requests.post(server["url"] + "/v1/generate", data=b"{" + b" " * 100_000 + b"}",
                             headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     _assert_error(too_big, 413, "body")
@@ -597,6 +600,8 @@ def test_deployment_batches_class_conditional_multistep_requests_exactly(rgb_mod
     assert deployment.info()["num_classes"] == 5
     error = asyncio.run(deployment.generate(_request(class_labels=[7])))
     assert error["error"]["field"] == "class_labels"
+    error = asyncio.run(deployment.generate({**_request(), "prompt": "a shirt"}))
+    assert error["error"]["field"] == "prompt"
 
 
 def test_without_a_teacher_the_teacher_endpoint_answers_404_saying_how_to_start_one(rgb_model):

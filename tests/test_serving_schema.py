@@ -41,9 +41,15 @@ def server(tmp_path_factory):
 
 
 def test_every_operation_conforms_to_the_openapi_schema(server, capsys):
-    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    # health, readiness, metrics, models, generate, teacher, 5 edit tasks
+    fuzz_every_operation(server.url, KEY, capsys, minimum_operations=10)
+
+
+def fuzz_every_operation(url: str, key: str, capsys, minimum_operations: int):
+    """Schemathesis over every operation of the server at `url`: positive and negative cases, CHECKS on each."""
+    schema = schemathesis.openapi.from_url(url + "/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) >= 10  # health, readiness, metrics, models, generate, teacher, 5 edit tasks
+    assert len(operations) >= minimum_operations
     failures = []
     with capsys.disabled():
         print(f"\nschemathesis {schemathesis.__version__}: {len(operations)} operations, seed {SEED}, at most "
@@ -58,7 +64,7 @@ def test_every_operation_conforms_to_the_openapi_schema(server, capsys):
         @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=False,
                   phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
         def run(case):
-            response = case.call_and_validate(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"},
+            response = case.call_and_validate(base_url=url, headers={"Authorization": f"Bearer {key}"},
                                               checks=CHECKS, timeout=60)
             statuses.append(response.status_code)
 

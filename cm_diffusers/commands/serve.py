@@ -25,7 +25,12 @@ def register(subparsers):
                              "agents, workers) listen on all interfaces, which Ray 2.60 cannot confine; without it "
                              "such a server is refused, since it would open more than the loopback it promises.")
     parser.add_argument("--model", default="fashion-mnist-cd",
-                        help="Pipeline folder, Hub repo id, or shipped short name (default: fashion-mnist-cd).")
+                        help="Pipeline folder, Hub repo id, or shipped short name (default: fashion-mnist-cd). A "
+                             "latent text-to-image model (an LCM folder, or a teacher with --lora) is served with "
+                             "prompts: /v1/generate takes a `prompt`.")
+    parser.add_argument("--lora", default=None,
+                        help="LCM-LoRA weights (folder or Hub repo id) for a text-to-image --model (their teacher), "
+                             "sampled with LCMScheduler, as `cm-diffusers generate --lora` does.")
     parser.add_argument("--teacher", default=None,
                         help="Also serve a diffusion teacher (folder, Hub repo id or shipped short name, e.g. "
                              "fashion-mnist-edm or fashion-mnist-ddpm) at /v1/teacher/generate, for comparisons (the "
@@ -79,7 +84,8 @@ def build_settings(args, keys):
     from ..serving.schemas import Limits, ServerSettings, hash_key
 
     return ServerSettings(
-        model=os.path.expanduser(args.model), model_name=args.model,
+        model=os.path.expanduser(args.model), model_name=args.model, text_to_image=args.text_to_image,
+        lora=os.path.expanduser(args.lora) if args.lora else None,
         teacher=os.path.expanduser(args.teacher) if args.teacher else None, device=args.device, dtype=args.dtype,
         max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
         num_threads=max(1, int(args.num_cpus_per_replica)), api_key_hashes=[hash_key(key) for key in keys],
@@ -106,6 +112,13 @@ def _check_args(args):
     if looks_like_path and not os.path.isfile(os.path.join(model, "model_index.json")):
         raise FileNotFoundError(f"--model {args.model!r}: no pipeline folder there (model_index.json). Pass a "
                                 "pipeline folder, a Hub repo id (org/name) or a shipped model (fashion-mnist-cd).")
+    args.text_to_image = _is_text_to_image(model)
+    if args.lora and not args.text_to_image:
+        raise ValueError(f"--lora {args.lora!r}: LCM-LoRA weights go with a text-to-image --model (their teacher, "
+                         f"with a text encoder and tokenizer); {args.model!r} has none.")
+    if args.text_to_image and args.teacher:
+        raise ValueError("--teacher compares a pixel consistency model with its diffusion teacher; a text-to-image "
+                         "model is served without one.")
     if args.teacher:
         teacher = resolve_pretrained(os.path.expanduser(args.teacher))
         looks_like_path = str(teacher).startswith(("/", ".", "~")) or str(teacher).count("/") > 1
@@ -113,6 +126,16 @@ def _check_args(args):
             raise FileNotFoundError(f"--teacher {args.teacher!r}: no diffusion model folder there "
                                     "(unet/config.json). Pass a diffusers folder, a Hub repo id or a shipped "
                                     "teacher (fashion-mnist-ddpm).")
+
+
+def _is_text_to_image(model: str) -> bool:
+    """Whether `model` is served with prompts (its model_index.json names a text encoder and a tokenizer)."""
+    from ..latent.text_to_image import is_text_to_image
+
+    try:
+        return is_text_to_image(model)
+    except OSError:  # a Hub id not in the cache (offline): loading it says why
+        return False
 
 
 def run(args) -> int:
@@ -141,7 +164,7 @@ def run(args) -> int:
 
 def _ready_line(args) -> str:
     url = f"http://{args.host}:{args.port}"
-    teacher = f", teacher {args.teacher}" if args.teacher else ""
+    teacher = f", teacher {args.teacher}" if args.teacher else f", LCM-LoRA {args.lora}" if args.lora else ""
     return (f"cm-diffusers serve: ready at {url} (model {args.model}{teacher}, {args.engine} engine, "
             f"{args.num_replicas} replica(s), max batch {args.max_batch_size}; API docs at {url}/docs"
             f"{', playground at ' + url + '/ui' if args.ui else ''})")

@@ -32,25 +32,39 @@ def load_text_to_image(model: str, lora: Optional[str] = None, dtype=torch.float
     return pipe.to(device)
 
 
+def is_text_to_image(model: str) -> bool:
+    """Whether the pipeline folder (or Hub repo id) `model` has a text encoder and a tokenizer (its model_index.json
+    names both), i.e. is what `load_text_to_image` loads."""
+    from diffusers import DiffusionPipeline
+
+    config = DiffusionPipeline.load_config(model)
+    named = [config.get(name) for name in ("text_encoder", "tokenizer")]
+    return all(isinstance(entry, list) and None not in entry for entry in named)
+
+
 def check_prompts(prompts, num_images: int) -> list:
     """One prompt, or one per image; each non-empty and at most MAX_PROMPT_CHARACTERS long."""
     if len(prompts) not in (1, num_images):
-        raise ValueError(f"--prompt needs 1 or {num_images} values (one per image), got {len(prompts)}.")
+        raise ValueError(f"Give 1 prompt or {num_images} (one per image), got {len(prompts)}.")
     for prompt in prompts:
         if not prompt.strip() or len(prompt) > MAX_PROMPT_CHARACTERS:
-            raise ValueError(f"A prompt must hold 1 to {MAX_PROMPT_CHARACTERS} characters, got {len(prompt)}.")
+            raise ValueError(f"A prompt must hold 1 to {MAX_PROMPT_CHARACTERS} characters, not only spaces; got "
+                             f"{len(prompt)}.")
     return prompts * num_images if len(prompts) == 1 else list(prompts)
+
+
+def default_guidance_scale(pipe) -> float:
+    """The LCM's training midpoint for a w-embedded UNet (8.5, diffusers' pipeline default); 1 (no guidance) for
+    LCM-LoRA, as LCM-LoRA is meant to be sampled."""
+    return 8.5 if pipe.unet.config.time_cond_proj_dim is not None else 1.0
 
 
 def generate(pipe, prompts, num_inference_steps: int = 4, guidance_scale: Optional[float] = None, seed: int = 0,
              batch_size: int = 64) -> np.ndarray:  # fmt: skip
-    """Images (N, H, W, C) in [0, 1] for `prompts`, in batches, from one seeded generator (same seed, same images).
-
-    guidance_scale defaults to the LCM's training midpoint for a w-embedded UNet (8.5 in diffusers' pipeline) and to
-    1 (no guidance) for LCM-LoRA, as LCM-LoRA is meant to be sampled.
-    """
+    """Images (N, H, W, C) in [0, 1] for `prompts`, in batches, from one seeded generator (same seed, same images);
+    guidance_scale defaults to `default_guidance_scale(pipe)`."""
     if guidance_scale is None:
-        guidance_scale = 8.5 if pipe.unet.config.time_cond_proj_dim is not None else 1.0
+        guidance_scale = default_guidance_scale(pipe)
     generator = torch.Generator().manual_seed(seed)
     images = []
     for start in range(0, len(prompts), batch_size):

@@ -74,7 +74,7 @@ def create_app(backend, settings: ServerSettings, echo_request_id: bool = True, 
     which gives every request an X-Request-ID (the client's, or a new one) and echoes it in the response, pass
     `echo_request_id=False`: the app adopts the proxy's id for its body and log, and the header is not doubled."""
     limits = settings.limits
-    models = api_models(limits)
+    models = api_models(limits, settings.text_to_image)
     app = FastAPI(title="cm_diffusers", version="1",
                   description="Real-time image generation and zero-shot editing with consistency models. Every "
                               "route but /healthz, /readyz, /docs, /redoc, /docs/oauth2-redirect, /openapi.json and "
@@ -204,12 +204,31 @@ def create_app(backend, settings: ServerSettings, echo_request_id: bool = True, 
 
     json_errors = _errors(400, 401, 413, 415, 422, 429, 503)
 
-    @app.post("/v1/generate", response_model=ImagesResponse, responses=json_errors)
+    generate_doc = (
+        "Generate images from a `prompt` (a latent text-to-image model: LCMScheduler steps, one request at a time, in "
+        "parts of at most max_batch_size images). Seeded requests are exact." if settings.text_to_image else
+        "Generate images; requests are batched together, one forward pass at a time. Seeded requests are exact.")
+
+    @app.post("/v1/generate", response_model=ImagesResponse, responses=json_errors, description=generate_doc)
     async def generate(body: models.generate, request: Request):
-        """Generate images; requests are batched together, one forward pass at a time. Seeded requests are exact."""
         key = request.scope["state"].get("key_id")
         result = await call_backend(request, "generate", body.model_dump(), key, cost=body.cost())
         return images_response(request, result, "/v1/generate")
+
+    if settings.text_to_image:
+        _add_pixel_only_routes(app, settings.model_name or settings.model)
+    else:
+        _add_pixel_routes(app, models, limits, call_backend, images_response, json_errors)
+
+    if settings.ui:
+        from .playground import mount_playground
+
+        mount_playground(app, api_base="")
+    return app
+
+
+def _add_pixel_routes(app, models, limits, call_backend, images_response, json_errors):
+    """The routes of a pixel consistency model beyond generation: its diffusion teacher and zero-shot editing."""
 
     @app.post("/v1/teacher/generate", response_model=ImagesResponse, responses={**json_errors, **_errors(404)})
     async def teacher_generate(body: models.teacher, request: Request):
@@ -231,11 +250,20 @@ def create_app(backend, settings: ServerSettings, echo_request_id: bool = True, 
     async def unknown_edit_task(task: str):
         raise ApiError(404, "not_found", f"Unknown edit task {task!r}; choose one of {list(EDIT_TASKS)}.", "task")
 
-    if settings.ui:
-        from .playground import mount_playground
 
-        mount_playground(app, api_base="")
-    return app
+def _add_pixel_only_routes(app, name: str):
+    """On a text-to-image server, the teacher and edit routes answer a 404 that says why (they are not in its
+    schema)."""
+
+    @app.post("/v1/teacher/generate", include_in_schema=False)
+    async def no_teacher():
+        raise ApiError(404, "not_found", f"{name} is a text-to-image model: /v1/teacher/generate needs a pixel "
+                                         "consistency model served with --teacher.")
+
+    @app.post("/v1/edit/{task}", include_in_schema=False)
+    async def no_editing(task: str):
+        raise ApiError(404, "not_found", f"Editing needs a pixel consistency model; {name} is a text-to-image model "
+                                         "(it takes prompts at /v1/generate).", "task")
 
 
 def _add_edit_route(app, task: str, form_model, limits, call_backend, images_response):

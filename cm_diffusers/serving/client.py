@@ -23,6 +23,7 @@ class Client:
     Example:
         >>> client = Client("http://127.0.0.1:8000", api_key="...")
         >>> images = client.generate(num_images=4, seed=0)          # list of PIL images
+        >>> shirts = client.generate(num_images=2, prompt="a shirt", seed=0)   # a text-to-image model
         >>> fixed = client.edit("inpaint", images[0], mask=mask, seed=0)
         >>> client.last_response["nfe"], client.last_response["latency_ms"]
 
@@ -63,11 +64,16 @@ class Client:
             image.load()
         return images
 
-    def generate(self, num_images: int = 1, num_inference_steps: int | None = 1, timesteps=None, sigmas=None,
-                 seed: int | None = None, class_labels=None, output_format: str = "png") -> list:
-        """Generates images (`POST /v1/generate`); with a seed, the same images as `ConsistencyPipeline` gives."""
+    def generate(self, num_images: int = 1, num_inference_steps: int | None = None, timesteps=None, sigmas=None,
+                 seed: int | None = None, class_labels=None, output_format: str = "png", prompt=None,
+                 guidance_scale: float | None = None) -> list:
+        """Generates images (`POST /v1/generate`); with a seed, the same images as `ConsistencyPipeline` gives (or, for
+        a text-to-image model, `latent.text_to_image.generate`). `prompt` (one, or a list with one per image) and
+        `guidance_scale` are for text-to-image models; options left as None take the server's defaults."""
         payload = {"num_images": num_images, "num_inference_steps": num_inference_steps, "timesteps": timesteps,
-                   "sigmas": sigmas, "seed": seed, "class_labels": class_labels, "output_format": output_format}
+                   "sigmas": sigmas, "seed": seed, "class_labels": class_labels, "output_format": output_format,
+                   "prompt": prompt, "guidance_scale": guidance_scale}
+        payload = {key: value for key, value in payload.items() if value is not None}
         return self._images(self._request("POST", "/v1/generate", json=payload))
 
     def edit(self, task: str, image, mask=None, **options) -> list:

@@ -1,4 +1,5 @@
-"""The Ray Serve application: a FastAPI ingress (`APIIngress`) in front of the model deployment (`ConsistencyModel`).
+"""The Ray Serve application: a FastAPI ingress (`APIIngress`) in front of the model deployment (`ConsistencyModel`,
+or `TextToImageModel` for a text-to-image model).
 
 `build_application(settings, ...)` is what `cm-diffusers serve` runs; `app_builder(args)` is the entry point of a
 Ray Serve config file (`serve deploy deploy/serve_config.yaml`). The ingress needs no CPU of its own and scales
@@ -11,8 +12,8 @@ from ray.serve.exceptions import RayServeException
 
 from .app import BackendUnavailable, create_app
 from .middleware import REQUEST_ID_PATTERN, ServerState
-from .model import ConsistencyModel
 from .schemas import Limits, ServerSettings, hash_key, load_api_keys
+from .text_to_image import model_class
 
 APP_NAME = "cm-diffusers"
 MODEL_DEPLOYMENT = "ConsistencyModel"
@@ -119,7 +120,7 @@ def build_application(settings: ServerSettings, num_replicas: int = 1, ray_actor
         model_options["autoscaling_config"] = autoscaling_config
     else:
         model_options["num_replicas"] = num_replicas
-    model = serve.deployment(ConsistencyModel).options(**model_options)
+    model = serve.deployment(model_class(settings)).options(**model_options)
     ingress = serve.deployment(APIIngress).options(
         name=INGRESS_DEPLOYMENT, num_replicas=ingress_replicas, ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=1000, graceful_shutdown_timeout_s=30)
@@ -131,8 +132,9 @@ def app_builder(args: dict):
     """Entry point of a Serve config file: `import_path: cm_diffusers.serving.deployment:app_builder`.
 
     `args` takes the `ServerSettings` fields (model, teacher, device, dtype, max_batch_size, batch_wait_ms,
-    num_threads, ui, limits) and `api_key_file`; keys also come from CM_DIFFUSERS_API_KEYS (set it in the
-    runtime_env), and are required unless `allow_no_api_key: true`. Replicas, CPUs/GPUs and autoscaling are set per
+    num_threads, ui, limits; `text_to_image: true` and `lora` for a latent text-to-image model) and `api_key_file`;
+    keys also come from CM_DIFFUSERS_API_KEYS (set it in the runtime_env), and are required unless
+    `allow_no_api_key: true`. Replicas, CPUs/GPUs and autoscaling are set per
     deployment in the config file's `deployments:` section.
     """
     args = dict(args or {})

@@ -14,14 +14,14 @@ import uvicorn
 
 from .app import create_app
 from .middleware import ServerState
-from .model import ConsistencyModel
 from .schemas import ServerSettings
+from .text_to_image import model_class
 
 
 class LocalBackend:
     """The model deployment called in this process (the `backend` of `create_app`)."""
 
-    def __init__(self, model: ConsistencyModel):
+    def __init__(self, model):
         self.model = model
 
     async def generate(self, request: dict, key=None) -> dict:
@@ -46,7 +46,7 @@ class LocalBackend:
 def build_server(settings: ServerSettings, host: str, port: int, drain_s: float = 1.0) -> "DrainingServer":
     """A uvicorn server over the API app; loads the model (and the teacher) first."""
     state = ServerState()
-    app = create_app(LocalBackend(ConsistencyModel(settings.model_dump())), settings, state=state)
+    app = create_app(LocalBackend(model_class(settings)(settings.model_dump())), settings, state=state)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
                             timeout_graceful_shutdown=int(settings.limits.request_timeout_s) + 5,
                             timeout_keep_alive=5)

@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from .schemas import EDIT_TASK_TABLE, EDIT_TASKS, ServerSettings
+from .schemas import EDIT_TASK_TABLE, EDIT_TASKS, NO_PROMPT, ServerSettings
 
 TEACHER_ENDPOINT = "/v1/teacher/generate"
 TEACHER_SAMPLER = "heun"  # on a Karras grid between the teacher's sigma_min and sigma_max, as `sample_teacher` does
@@ -301,6 +301,8 @@ class ConsistencyModel:
         """One `/v1/generate` request (a `GenerateRequest` as a dict) from API key `key` -> encoded images and batching
         statistics. Cancelling the call (a timeout, a client gone) drops the request's remaining forward passes."""
         started = time.perf_counter()
+        if request.get("prompt") is not None:
+            return request_error("prompt", f"prompt: {NO_PROMPT}.")
         seed = request["seed"] if request.get("seed") is not None else secrets.randbelow(2**32)
         num_images = request["num_images"]
         try:

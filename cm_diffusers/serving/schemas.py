@@ -13,14 +13,18 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from fastapi import UploadFile
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, create_model, field_validator, model_validator
 
 from ..edit_tasks import EDIT_TASKS as ALL_EDIT_TASKS
+from ..latent.text_to_image import MAX_PROMPT_CHARACTERS, check_prompts
 
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 API_KEYS_ENV = "CM_DIFFUSERS_API_KEYS"
 INDEX_BOUND = 2**31  # grid indices and class labels are below this; the model then checks its own grid and classes
 SEED_BOUND = 2**63
+MAX_GUIDANCE_SCALE = 20.0  # LCMs are distilled with w up to ~15 and LCM-LoRA is sampled at 1-2
+NO_PROMPT = ("this model generates without a prompt (unconditional or class-conditional); serve a text-to-image "
+             "model (an LCM folder, or a teacher with --lora) to send prompts")
 
 
 # The edit tasks the API serves: those of the pipeline's one table that edit an uploaded image.
@@ -52,6 +56,10 @@ class ServerSettings(BaseModel):
 
     model: str = "fashion-mnist-cd"
     model_name: str | None = Field(None, description="Name reported by the API (default: `model`).")
+    text_to_image: bool = Field(False, description="`model` is a latent text-to-image pipeline (an LCM folder, or a "
+                                                   "teacher with `lora`): /v1/generate takes a `prompt`.")
+    lora: str | None = Field(None, description="LCM-LoRA weights (folder or Hub repo id) for a text-to-image "
+                                               "`model`, sampled with LCMScheduler.")
     teacher: str | None = Field(None, description="Diffusion teacher served at /v1/teacher/generate (folder, Hub "
                                                   "repo id or shipped short name); none by default.")
     device: str = "cpu"
@@ -66,6 +74,15 @@ class ServerSettings(BaseModel):
     @property
     def auth_enabled(self) -> bool:
         return bool(self.api_key_hashes)
+
+    @model_validator(mode="after")
+    def _kind(self):
+        if self.lora and not self.text_to_image:
+            raise ValueError("lora: LCM-LoRA weights need a text-to-image model (text_to_image=True).")
+        if self.text_to_image and self.teacher:
+            raise ValueError("teacher: /v1/teacher/generate compares a pixel consistency model with its diffusion "
+                             "teacher; a text-to-image model is served without one.")
+        return self
 
 
 def hash_key(key: str) -> str:
@@ -130,7 +147,15 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, lt=SEED_BOUND, description="Same seed, same images (drawn when omitted).")
     class_labels: ClassLabel | list[ClassLabel] | None = Field(None, description="One label, or one per image "
                                                                                  "(conditional models).")
+    prompt: None = Field(None, description="Not taken: this model is not a text-to-image model (a prompt is a 422).")
     output_format: Literal["png", "jpeg", "webp"] = "png"
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _no_prompt(cls, value):
+        if value is not None:
+            raise ValueError(NO_PROMPT)
+        return value
 
     @model_validator(mode="after")
     def _one_schedule(self):
@@ -151,6 +176,47 @@ class GenerateRequest(BaseModel):
         """Images x network evaluations: what admission control counts."""
         steps = len(self.timesteps or self.sigmas or ()) or self.num_inference_steps or 1
         return self.num_images * steps
+
+
+Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARACTERS)]
+PROMPT_DOC = (f"One prompt for every image, or one per image; each 1 to {MAX_PROMPT_CHARACTERS} characters, not only "
+              "spaces.")
+
+
+def prompts_type(max_items: int | None = None):
+    """A prompt, or a list of 1 to `max_items` prompts; an error names the form that was sent (`prompt.list.1`)."""
+    def form(value) -> str:
+        return "list" if isinstance(value, list) else "string"
+
+    listed = Annotated[list[Prompt], Field(min_length=1, max_length=max_items), Tag("list")]
+    return Annotated[Annotated[Prompt, Tag("string")] | listed, Discriminator(form)]
+
+
+class TextToImageRequest(BaseModel):
+    """`POST /v1/generate` on a latent text-to-image model: `num_inference_steps` LCMScheduler steps from a prompt
+    (`cm_diffusers.latent.text_to_image.generate`, as `cm-diffusers generate --prompt` runs it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_images: int = Field(1, ge=1, description="Number of images; at most the server's `max_images`.")
+    prompt: prompts_type() = Field(description=PROMPT_DOC)
+    num_inference_steps: int = Field(4, ge=1, description="LCMScheduler steps (1-8 is what LCMs are made for).")
+    guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False,
+                                         description="diffusers' guidance scale (default: 8.5 for an LCM, 1 for an "
+                                                     "LCM-LoRA; see /v1/models).")
+    seed: int | None = Field(None, ge=0, lt=SEED_BOUND, description="Same seed, same images (drawn when omitted).")
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, value, info):
+        if "num_images" in info.data:  # (an invalid num_images is reported on its own)
+            check_prompts([value] if isinstance(value, str) else value, info.data["num_images"])
+        return value
+
+    def cost(self) -> int:
+        """Images x steps: what admission control counts."""
+        return self.num_images * self.num_inference_steps
 
 
 class EditFormOptions(BaseModel):
@@ -222,11 +288,21 @@ class ApiModels:
     """The request models of one server: its limits in their fields (and so in its OpenAPI schema)."""
 
     generate: type
-    teacher: type
+    teacher: type | None
     edit_forms: dict
 
 
-def api_models(limits: Limits) -> ApiModels:
+def api_models(limits: Limits, text_to_image: bool = False) -> ApiModels:
+    """The request models of a server with `limits`; with `text_to_image`, `generate` takes a prompt and there is no
+    teacher or edit model (those routes need a pixel consistency model)."""
+    if text_to_image:
+        return ApiModels(generate=create_model(
+            "TextToImageRequest", __base__=TextToImageRequest,
+            num_images=(int, Field(1, ge=1, le=limits.max_images, description="Number of images.")),
+            prompt=(prompts_type(limits.max_images), Field(description=PROMPT_DOC)),
+            num_inference_steps=(int, Field(4, ge=1, le=limits.max_steps, description="LCMScheduler steps.")),
+        ), teacher=None, edit_forms={})
+
     def generate_model(name: str, max_steps: int, steps_doc: str):
         return create_model(
             name, __base__=GenerateRequest,
@@ -270,8 +346,12 @@ class ModelInfo(BaseModel):
     resolution: list[int] = Field(description="[height, width]")
     channels: int
     num_classes: int | None
-    sigma_min: float
-    sigma_max: float
+    takes_prompt: bool = Field(False, description="A text-to-image model: /v1/generate takes a `prompt`.")
+    max_prompt_characters: int | None = Field(None, description="The longest prompt (text-to-image models).")
+    guidance_scale: float | None = Field(None, description="The default guidance scale (text-to-image models).")
+    sigma_min: float | None = Field(description="The consistency model's smallest noise level (none for a "
+                                                "text-to-image model, which samples with LCMScheduler).")
+    sigma_max: float | None
     num_train_timesteps: int
     recommended_schedules: list[dict] = Field(description="Schedules from the model card, then the 1-step default.")
     edit_tasks: list[str]
