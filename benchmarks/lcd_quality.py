@@ -6,7 +6,7 @@ Prompt adherence is the accuracy of a small Fashion-MNIST classifier (trained he
 statistics, its test accuracy reported) on the generated images against the class their prompt names. Images are
 generated at the models' 32x32 and resized to Fashion-MNIST's 28x28 before both measurements.
 
-    python benchmarks/lcd_quality.py --teacher runs/fashion-mnist-ldm --lora runs/fashion-mnist-lcm-lora \
+    python benchmarks/lcd_quality.py --teacher fashion-mnist-ldm --lora fashion-mnist-lcm-lora --teacher_steps 25 \
         --num_samples 2000 --reference fashion-mnist-train --reference_num_samples 10000
 
 Writes benchmarks/results/lcd_quality.json and one sample grid per configuration under benchmarks/results/lcd/.
@@ -140,7 +140,9 @@ def main():
         if name == "teacher":
             from diffusers import DiffusionPipeline
 
-            pipe = DiffusionPipeline.from_pretrained(model_path)
+            from cm_diffusers.shipped_models import resolve_pretrained
+
+            pipe = DiffusionPipeline.from_pretrained(resolve_pretrained(model_path))  # a folder or a shipped name
             pipe.set_progress_bar_config(disable=True)
         else:
             pipe = load_text_to_image(model_path, lora)

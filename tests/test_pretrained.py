@@ -1,12 +1,14 @@
 """Models shipped inside the package: short names resolve offline, load with diffusers and with our adapters."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import requires_fashion_mnist
 from diffusers import DDPMPipeline
+from PIL import Image
 
 from cm_diffusers import load_teacher
 from cm_diffusers.shipped_models import PRETRAINED_DIR, SHIPPED_MODELS, available_models, resolve_pretrained
@@ -124,3 +126,33 @@ def test_model_cards_folder_holds_the_shipped_cards():
     for name in SHIPPED_MODELS:
         card = (Path(PRETRAINED_DIR) / name / "README.md").read_text()
         assert (folder / f"{name}.md").read_text() == card, f"model_cards/{name}.md is not {name}'s shipped card"
+
+
+def test_shipped_latent_teacher_and_lcm_lora_load_offline_by_short_name(tmp_path):
+    """fashion-mnist-ldm (a StableDiffusionPipeline) and fashion-mnist-lcm-lora (adapters only), by short name:
+    both under 20 MB, plain diffusers loads them (load_lora_weights + LCMScheduler), the adapters are what the
+    4-step images come from, the same seed gives the same images, and `generate --lora` samples them."""
+    pytest.importorskip("peft")
+    from diffusers import DiffusionPipeline, LCMScheduler, StableDiffusionPipeline
+
+    from cm_diffusers.cli import main
+    from cm_diffusers.latent.text_to_image import generate, load_text_to_image
+
+    sizes = {name: sum(f.stat().st_size for f in Path(resolve_pretrained(name)).rglob("*") if f.is_file())
+             for name in ("fashion-mnist-ldm", "fashion-mnist-lcm-lora")}  # fmt: skip
+    assert all(size < 20 * 2**20 for size in sizes.values()), sizes
+    assert {"fashion-mnist-ldm", "fashion-mnist-lcm-lora"} <= set(available_models())
+    prompts = ["a trouser", "a sandal"]
+    pipe = load_text_to_image("fashion-mnist-ldm", "fashion-mnist-lcm-lora")
+    assert isinstance(pipe, StableDiffusionPipeline) and isinstance(pipe.scheduler, LCMScheduler)
+    images = generate(pipe, prompts, 4, 1.0, seed=0)
+    assert images.shape == (2, 32, 32, 1) and np.array_equal(images, generate(pipe, prompts, 4, 1.0, seed=0))
+    assert images.std() > 0.1  # not blank
+    bare = DiffusionPipeline.from_pretrained(resolve_pretrained("fashion-mnist-ldm"))
+    bare.scheduler = LCMScheduler.from_config(bare.scheduler.config)
+    bare.set_progress_bar_config(disable=True)
+    assert np.abs(generate(bare, prompts, 4, 1.0, seed=0) - images).mean() > 0.01  # the adapters change the images
+    out = tmp_path / "samples.png"
+    flags = ["generate", "--model", "fashion-mnist-ldm", "--lora", "fashion-mnist-lcm-lora", "--prompt", "a bag",
+             "--num_images", "4", "--steps", "4", "--output", str(out)]  # fmt: skip
+    assert main(flags) == 0 and Image.open(out).size[0] > 32

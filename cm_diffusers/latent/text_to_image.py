@@ -37,7 +37,9 @@ def is_text_to_image(model: str) -> bool:
     names both), i.e. is what `load_text_to_image` loads."""
     from diffusers import DiffusionPipeline
 
-    config = DiffusionPipeline.load_config(model)
+    from ..shipped_models import resolve_pretrained
+
+    config = DiffusionPipeline.load_config(resolve_pretrained(model))
     named = [config.get(name) for name in ("text_encoder", "tokenizer")]
     return all(isinstance(entry, list) and None not in entry for entry in named)
 

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Builds fashion-mnist-lcm-lora (not shipped yet): LCM-LoRA of the Fashion-MNIST latent teacher (fashion-mnist-ldm.sh,
+# Builds fashion-mnist-lcm-lora (shipped): LCM-LoRA of the Fashion-MNIST latent teacher (fashion-mnist-ldm.sh,
 # run first into $LDM when that folder holds no model), by latent consistency distillation: train_consistency.py
 # --mode lcd --lcd_student lora, rank 16 on the teacher's UNet, the teacher's guided DDIM step over a 50-point
 # skipping-step grid, w ~ U[1, 5] (diffusers' guidance 2-6; the teacher is sampled at 4), no target network, AdamW

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Builds fashion-mnist-ldm (not shipped yet): a small text-to-image latent diffusion teacher on Fashion-MNIST with
+# Builds fashion-mnist-ldm (shipped): a small text-to-image latent diffusion teacher on Fashion-MNIST with
 # class-name prompts ("a sneaker", "a ankle boot": one template for all ten classes), the teacher of the LCD recipes.
 # AutoencoderKL (16,32; 32x32x1 -> 4x16x16 latents) for 400 steps, then a UNet2DConditionModel (32,64;
 # cross-attention at 8x8) and a 2-layer CLIP text encoder with the project's byte-level tokenizer for 2,000 more,
