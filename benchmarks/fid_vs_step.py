@@ -69,6 +69,12 @@ def run_scheduler_config(run_dir: str) -> dict:
     if os.path.isfile(path):
         with open(path) as f:
             return json.load(f)
+    log = os.path.join(run_dir, "logs", "train_log.jsonl")
+    if os.path.isfile(log):
+        with open(log) as f:
+            if any('"tangent_norm"' in line for line in f):  # only sCT / sCD log their tangent
+                raise SystemExit(f"{run_dir} is an sCT/sCD run that has not saved its pipeline yet: its checkpoints "
+                                 "need its TrigFlow scheduler; measure it once the training has finished.")
     return dict(ConsistencyScheduler().config, _class_name="ConsistencyScheduler")
 
 
@@ -184,7 +190,8 @@ def main(argv=None):
             report = json.load(f)
     report["protocol"] = {
         "metric": f"cm-diffusers evaluate, {args.num_samples} samples, seed 0, vs 10,000 Fashion-MNIST train images",
-        "weights": "the EMA (evaluation) weights of each checkpoint; step 0 = the teacher's weights",
+        "weights": "the EMA (evaluation) weights of each checkpoint; step 0 = the teacher's weights (in TrigFlow "
+        "form for sCT / sCD runs)",
         "two_step_sigmas": args.two_step_sigmas,
     }
     for spec in args.run:
@@ -251,7 +258,14 @@ def merge(paths: list, output: str, images_per_step: dict, continues: dict = Non
         missing = sorted(set(only) - set(merged["runs"]))
         if missing:
             raise SystemExit(f"--only {missing}: no such run among {sorted(merged['runs'])}.")
-        keep = set(only) | {(continues or {}).get(label) or merged["runs"][label].get("continues") for label in only}
+        for label, parent in (continues or {}).items():
+            if label in merged["runs"]:
+                merged["runs"][label]["continues"] = parent
+        keep = set()
+        for label in only:  # a run and every run it continues, back to the first
+            while label is not None and label not in keep:
+                keep.add(label)
+                label = merged["runs"].get(label, {}).get("continues")
         merged["runs"] = {label: run for label, run in merged["runs"].items() if label in keep}
     for label, parent in (continues or {}).items():
         if label not in merged["runs"] or parent not in merged["runs"]:

@@ -24,7 +24,7 @@ from .model_card import (  # noqa: F401  (the card API is also reachable as cm_d
     save_model_card,
     validate_model_card,
 )
-from .model_index import TRIGFLOW_PIPELINE_FILE, TRIGFLOW_PIPELINE_NAME
+from .model_index import TRIGFLOW_PIPELINE_FILE, TRIGFLOW_PIPELINE_MODULE, TRIGFLOW_PIPELINE_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +38,8 @@ _LOCAL_PATH = re.compile(r"(?<![\w:/.\-])(?:~|/[\w.@+-]+)(?:/[\w.@+-]+)+|(?<![\w
 _PIPELINE_CLASSES = (
     "ConsistencyModelPipeline",
     "ConsistencyPipeline",
-    [TRIGFLOW_PIPELINE_FILE[: -len(".py")], TRIGFLOW_PIPELINE_NAME],
+    [TRIGFLOW_PIPELINE_MODULE, TRIGFLOW_PIPELINE_NAME],
 )
-_LIBRARIES = ("diffusers", "transformers", "cm_diffusers")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -106,17 +105,11 @@ def files_to_push(folder) -> tuple[list, list]:
 
 
 def _pipeline_code_files(index: dict) -> set:
-    """The code files model_index.json names (e.g. a TrigFlow folder's `pipeline_trigflow.py`, at the top and in
-    scheduler/): without them plain diffusers (`trust_remote_code=True`) could not load what was pushed. A class
-    given as [module, name] lives in `<module>.py` of the folder (`_class_name`) or of the component's folder;
-    library classes (["diffusers", ...]) have no file and match nothing."""
-    files = set()
-    for name, value in index.items():
-        library = value[0] if isinstance(value, list) and value else None
-        if (name == "_class_name" or not name.startswith("_")) and library and library not in _LIBRARIES:
-            module_file = f"{library}.py"
-            files.add(module_file if name == "_class_name" else f"{name}/{module_file}")
-    return files
+    """The code files a TrigFlow (sCT / sCD) folder cannot be used without: `pipeline_trigflow.py` at the top and in
+    scheduler/, which plain diffusers runs with `trust_remote_code=True`. No other code file is ever pushed."""
+    if index.get("_class_name") != [TRIGFLOW_PIPELINE_MODULE, TRIGFLOW_PIPELINE_NAME]:
+        return set()
+    return {TRIGFLOW_PIPELINE_FILE, f"scheduler/{TRIGFLOW_PIPELINE_FILE}"}
 
 
 def find_local_paths(folder, files=None) -> dict:

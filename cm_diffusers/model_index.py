@@ -14,7 +14,8 @@ DIFFUSERS_SCHEDULER_NAME = "CMStochasticIterativeScheduler"
 # Continuous-time (TrigFlow) models: the folder carries the self-contained pipeline file and names its classes
 TRIGFLOW_SCHEDULER_NAME = "TrigFlowSCMScheduler"
 TRIGFLOW_PIPELINE_NAME = "TrigFlowPipeline"
-TRIGFLOW_PIPELINE_FILE = "pipeline_trigflow.py"
+TRIGFLOW_PIPELINE_MODULE = "pipeline_trigflow"
+TRIGFLOW_PIPELINE_FILE = TRIGFLOW_PIPELINE_MODULE + ".py"
 
 
 def rewrite_json(path: str, updates: dict):
@@ -56,7 +57,7 @@ def write_trigflow_pipeline_files(folder: str, unet_class: str = "UNet2DModel"):
     source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trigflow_pipeline.py")
     shutil.copyfile(source, os.path.join(folder, TRIGFLOW_PIPELINE_FILE))
     shutil.copyfile(source, os.path.join(folder, "scheduler", TRIGFLOW_PIPELINE_FILE))
-    module = TRIGFLOW_PIPELINE_FILE[: -len(".py")]
+    module = TRIGFLOW_PIPELINE_MODULE
     index = {"_class_name": [module, TRIGFLOW_PIPELINE_NAME], "_diffusers_version": diffusers.__version__,
              "scheduler": [module, TRIGFLOW_SCHEDULER_NAME], "unet": ["diffusers", unet_class]}  # fmt: skip
     write_text_atomic(os.path.join(folder, "model_index.json"), json.dumps(index, indent=2) + "\n")

@@ -480,6 +480,11 @@ def test_fid_vs_step_exports_checkpoints_of_a_trigflow_run_with_its_own_schedule
     assert exported.is_trigflow and exported.scheduler.config.time_input == "log_sigma"
     discrete = fid_vs_step.run_scheduler_config(str(tmp_path / "unfinished"))
     assert discrete["_class_name"] == "ConsistencyScheduler"
+    unfinished = tmp_path / "unfinished-scd" / "logs"  # an sCD run still training: refused, not mis-measured
+    unfinished.mkdir(parents=True)
+    (unfinished / "train_log.jsonl").write_text('{"step": 1, "loss": 0.1, "tangent_norm": 3.0}\n')
+    with pytest.raises(SystemExit, match="not saved its pipeline"):
+        fid_vs_step.run_scheduler_config(str(unfinished.parent))
 
     # step 0 is the student as the training starts: the shipped EDM teacher in TrigFlow form (F = -F_edm) samples
     # as the teacher does as a discrete consistency model at step 0 of a CD run

@@ -119,6 +119,10 @@ def _check_args(args):
     if args.text_to_image and args.teacher:
         raise ValueError("--teacher compares a pixel consistency model with its diffusion teacher; a text-to-image "
                          "model is served without one.")
+    if args.text_to_image:
+        from ..latent.text_to_image import check_text_to_image
+
+        check_text_to_image(model, args.lora)  # before any weights load: a teacher without --lora, a missing LoRA
     if args.teacher:
         teacher = resolve_pretrained(os.path.expanduser(args.teacher))
         looks_like_path = str(teacher).startswith(("/", ".", "~")) or str(teacher).count("/") > 1
@@ -134,8 +138,9 @@ def _is_text_to_image(model: str) -> bool:
 
     try:
         return is_text_to_image(model)
-    except OSError:  # a Hub id not in the cache (offline): loading it says why
-        return False
+    except OSError as error:  # a Hub id not in the cache (offline), an unreadable folder
+        raise ValueError(f"--model {model!r}: could not read its model_index.json to tell a pixel model from a "
+                         f"text-to-image one ({error}).") from error
 
 
 def run(args) -> int:

@@ -10,24 +10,45 @@ import torch
 MAX_PROMPT_CHARACTERS = 1000
 
 
+def check_text_to_image(model: str, lora: Optional[str] = None):
+    """Refuses, before any weights load, what `load_text_to_image` could not sample: the `lcd` extra missing, a
+    LoRA that is neither a folder, a shipped name nor a Hub id, and a model that is not an LCM without a LoRA."""
+    import importlib.util
+
+    from diffusers import DiffusionPipeline
+
+    from ..shipped_models import resolve_pretrained
+
+    needed = ("transformers", "peft") if lora else ("transformers",)
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"Text-to-image models need {' and '.join(missing)}: pip install 'cm_diffusers[lcd]'.")
+    if lora is not None:
+        lora = resolve_pretrained(lora)
+        if not os.path.isdir(lora) and lora.count("/") != 1:
+            raise FileNotFoundError(f"--lora {lora!r}: no such folder (pass an LCM-LoRA folder, a Hub repo id or a "
+                                    "shipped name such as fashion-mnist-lcm-lora).")  # fmt: skip
+        return
+    scheduler = (DiffusionPipeline.load_config(resolve_pretrained(model)).get("scheduler") or [None, None])[1]
+    if scheduler != "LCMScheduler":
+        raise ValueError(f"{model} samples with {scheduler}, not LCMScheduler: pass the LCM-LoRA with --lora, or an "
+                         "LCM folder.")  # fmt: skip
+
+
 def load_text_to_image(model: str, lora: Optional[str] = None, dtype=torch.float32, device="cpu"):
     """The diffusers pipeline of `model`; with `lora`, its scheduler becomes LCMScheduler and the adapters load."""
     from diffusers import DiffusionPipeline, LCMScheduler
 
     from ..shipped_models import resolve_pretrained
 
+    check_text_to_image(model, lora)
     model, lora = resolve_pretrained(model), (None if lora is None else resolve_pretrained(lora))  # shipped names
     pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
     if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "tokenizer", None) is None:
         raise ValueError(f"--prompt needs a text-to-image model (a text encoder and tokenizer); {model} has none.")
     if lora is not None:
-        if not os.path.isdir(lora) and lora.count("/") != 1:
-            raise FileNotFoundError(f"--lora {lora!r}: no such folder (pass an LCM-LoRA folder or Hub repo id).")
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
         pipe.load_lora_weights(lora)
-    elif not isinstance(pipe.scheduler, LCMScheduler):
-        raise ValueError(f"{model} samples with {type(pipe.scheduler).__name__}, not LCMScheduler: pass the LCM-LoRA "
-                         "with --lora, or an LCM folder.")  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

@@ -39,10 +39,12 @@ class TextToImageModel:
         self.pipe = load_text_to_image(self.settings.model, self.settings.lora, DTYPES[self.settings.dtype],
                                        self.settings.device)
         self.name = self.settings.model_name or self.settings.model
+        if self.settings.lora:  # the images are the LoRA's, not the teacher's
+            self.name += f" + {self.settings.lora}"
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cm-model")
         self._running = None  # the request on the model thread
         self._stats = {"forward_passes": 0, "network_evaluations": 0, "cancelled_requests": 0}
-        self.pipe.unet.register_forward_pre_hook(self._before_evaluation)
+        self.pipe.unet.register_forward_pre_hook(self._before_evaluation, with_kwargs=True)
         self._info = self._model_info()
         generate(self.pipe, ["warm-up"], 1, seed=0)  # the first call pays one-off costs that a user should not
 
@@ -123,14 +125,15 @@ class TextToImageModel:
             self._running = None
         return self.pipe.numpy_to_pil(images)
 
-    def _before_evaluation(self, module, args):
+    def _before_evaluation(self, module, args, kwargs):
         """A forward pre-hook of the UNet: stops a cancelled request before its next evaluation, and counts passes."""
         request = self._running
         if request is None:
             return
         if request.cancelled:
             raise Cancelled()
-        rows = args[0].shape[0]  # twice the images when the pipeline applies classifier-free guidance
+        sample = args[0] if args else kwargs["sample"]
+        rows = sample.shape[0]  # twice the images when the pipeline applies classifier-free guidance
         request.first_pass = request.first_pass or time.perf_counter()
         request.batches.append({"images": rows, "requests": 1})
         self._stats["forward_passes"] += 1
