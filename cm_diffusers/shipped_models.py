@@ -11,6 +11,8 @@ SHIPPED_MODELS = {
     "fashion-mnist-ddpm": "The earlier DDPM (epsilon) teacher, in diffusers DDPMPipeline format.",
     "fashion-mnist-edm": "The EDM teacher with the consistency time input (t = 250 ln sigma); diffusers needs "
     "trust_remote_code=True.",
+    "fashion-mnist-scd": "Continuous-time consistency distillation (sCD, TrigFlow) of fashion-mnist-edm (1-2 steps; "
+    "behind fashion-mnist-cd at this scale); plain diffusers needs trust_remote_code=True.",
     "fashion-mnist-ldm": "A small text-to-image latent diffusion model (StableDiffusionPipeline: VAE, CLIP text "
     "encoder, UNet2DConditionModel) prompted by class names ('a sneaker'); the LCD teacher.",
     "fashion-mnist-lcm-lora": "LCM-LoRA of fashion-mnist-ldm (adapters only): 1-4 steps with LCMScheduler, loaded "

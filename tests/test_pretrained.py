@@ -156,3 +156,26 @@ def test_shipped_latent_teacher_and_lcm_lora_load_offline_by_short_name(tmp_path
     flags = ["generate", "--model", "fashion-mnist-ldm", "--lora", "fashion-mnist-lcm-lora", "--prompt", "a bag",
              "--num_images", "4", "--steps", "4", "--output", str(out)]  # fmt: skip
     assert main(flags) == 0 and Image.open(out).size[0] > 32
+
+
+def test_shipped_scd_student_samples_alike_in_both_pipelines_by_short_name():
+    """fashion-mnist-scd (TrigFlow): by short name in ConsistencyPipeline, and its folder in plain diffusers with the
+    pipeline file it carries (an unchanged copy of ours): the same images for the same seed at 1 and 2 steps."""
+    from diffusers import DiffusionPipeline
+
+    from cm_diffusers import ConsistencyPipeline
+
+    path = resolve_pretrained("fashion-mnist-scd")
+    source = Path(__file__).resolve().parents[1] / "cm_diffusers" / "trigflow_pipeline.py"
+    for copy in (Path(path) / "pipeline_trigflow.py", Path(path) / "scheduler" / "pipeline_trigflow.py"):
+        assert copy.read_text() == source.read_text(), f"{copy} differs from cm_diffusers/trigflow_pipeline.py"
+    ours = ConsistencyPipeline.from_pretrained("fashion-mnist-scd")
+    plain = DiffusionPipeline.from_pretrained(path, trust_remote_code=True)
+    assert ours.is_trigflow and ours.scheduler.config.time_input == "log_sigma"
+    for pipe in (ours, plain):
+        pipe.set_progress_bar_config(disable=True)
+    for steps in (1, 2):
+        a = ours(batch_size=4, num_inference_steps=steps, generator=torch.manual_seed(0), output_type="np").images
+        b = plain(batch_size=4, num_inference_steps=steps, generator=torch.manual_seed(0), output_type="np").images
+        assert a.shape == (4, 28, 28, 1) and a.std() > 0.1
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)  # float32 rounding through the 1.1M-parameter UNet
