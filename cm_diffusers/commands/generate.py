@@ -104,7 +104,7 @@ def run(args) -> int:
 
 def run_text_to_image(args) -> int:
     """`generate --prompt` on a latent text-to-image model (cm_diffusers.latent.text_to_image, plain diffusers)."""
-    from ..latent.text_to_image import check_prompts, generate, load_text_to_image
+    from ..latent.text_to_image import DEFAULT_STEPS, check_prompts, generate, load_text_to_image
 
     if args.prompt is None or args.model is None:
         raise ValueError("A text-to-image model needs --model (an LCM folder, or the teacher of --lora) and --prompt.")
@@ -113,7 +113,7 @@ def run_text_to_image(args) -> int:
                          "--class_labels.")  # fmt: skip
     prompts = check_prompts(args.prompt, args.num_images)
     pipe = load_text_to_image(os.path.expanduser(args.model), args.lora, DTYPES[args.dtype], args.device)
-    images = generate(pipe, prompts, args.steps or 4, args.guidance_scale, args.seed, args.batch_size)
+    images = generate(pipe, prompts, args.steps or DEFAULT_STEPS, args.guidance_scale, args.seed, args.batch_size)
     save_image_atomic(image_grid(images, args.nrow, padding=2), args.output)
     if args.save_images_dir:
         for i, pil in enumerate(pipe.numpy_to_pil(images)):

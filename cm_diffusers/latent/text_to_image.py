@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 MAX_PROMPT_CHARACTERS = 1000
+DEFAULT_STEPS = 4  # LCMScheduler steps when none are asked for: generate --prompt, the API
 
 
 def check_text_to_image(model: str, lora: Optional[str] = None):
@@ -82,8 +83,8 @@ def default_guidance_scale(pipe) -> float:
     return 8.5 if pipe.unet.config.time_cond_proj_dim is not None else 1.0
 
 
-def generate(pipe, prompts, num_inference_steps: int = 4, guidance_scale: Optional[float] = None, seed: int = 0,
-             batch_size: int = 64) -> np.ndarray:  # fmt: skip
+def generate(pipe, prompts, num_inference_steps: int = DEFAULT_STEPS, guidance_scale: Optional[float] = None,
+             seed: int = 0, batch_size: int = 64) -> np.ndarray:  # fmt: skip
     """Images (N, H, W, C) in [0, 1] for `prompts`, in batches, from one seeded generator (same seed, same images);
     guidance_scale defaults to `default_guidance_scale(pipe)`."""
     if guidance_scale is None:

@@ -16,7 +16,7 @@ from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, create_model, field_validator, model_validator
 
 from ..edit_tasks import EDIT_TASKS as ALL_EDIT_TASKS
-from ..latent.text_to_image import MAX_PROMPT_CHARACTERS, check_prompts
+from ..latent.text_to_image import DEFAULT_STEPS, MAX_PROMPT_CHARACTERS, check_prompts
 
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 API_KEYS_ENV = "CM_DIFFUSERS_API_KEYS"
@@ -200,7 +200,8 @@ class TextToImageRequest(BaseModel):
 
     num_images: int = Field(1, ge=1, description="Number of images; at most the server's `max_images`.")
     prompt: prompts_type() = Field(description=PROMPT_DOC)
-    num_inference_steps: int = Field(4, ge=1, description="LCMScheduler steps (1-8 is what LCMs are made for).")
+    num_inference_steps: int = Field(DEFAULT_STEPS, ge=1,
+                                     description="LCMScheduler steps (1-8 is what LCMs are made for).")
     guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False,
                                          description="diffusers' guidance scale (default: 8.5 for an LCM, 1 for an "
                                                      "LCM-LoRA; see /v1/models).")
@@ -300,7 +301,8 @@ def api_models(limits: Limits, text_to_image: bool = False) -> ApiModels:
             "TextToImageRequest", __base__=TextToImageRequest,
             num_images=(int, Field(1, ge=1, le=limits.max_images, description="Number of images.")),
             prompt=(prompts_type(limits.max_images), Field(description=PROMPT_DOC)),
-            num_inference_steps=(int, Field(4, ge=1, le=limits.max_steps, description="LCMScheduler steps.")),
+            num_inference_steps=(int, Field(DEFAULT_STEPS, ge=1, le=limits.max_steps,
+                                            description="LCMScheduler steps.")),
         ), teacher=None, edit_forms={})
 
     def generate_model(name: str, max_steps: int, steps_doc: str):

@@ -15,10 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from ..latent.text_to_image import DEFAULT_STEPS
 from .model import DTYPES, Cancelled, ConsistencyModel, _encode_image, _Request, request_error
 from .schemas import ServerSettings
-
-DEFAULT_STEPS = 4  # what `generate --prompt` and TextToImageRequest default to
 
 
 def model_class(settings: ServerSettings) -> type:
